@@ -1,0 +1,38 @@
+# Every target creates and reuses the virtual environment it needs (.venv), so a fresh clone needs only `make`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: install demo test test-fast lint tensorboard bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## train the demo SAE offline on CPU, then evaluate it
+	$(PY) train.py experiment=demo hydra.run.dir=outputs/demo
+	$(PY) evaluate.py run=outputs/demo
+
+test: $(STAMP)  ## the whole suite, end-to-end runs included
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+tensorboard: $(STAMP)  ## serve every run's event files on http://localhost:6006
+	mkdir -p outputs multirun
+	$(VENV)/bin/tensorboard --logdir_spec outputs:outputs,multirun:multirun --host localhost --port 6006
+
+bench: $(STAMP)  ## CPU benchmarks; writes BENCHMARKS.md
+	$(PY) -m benchmarks.run
+
+clean:
+	rm -rf outputs multirun .pytest_cache

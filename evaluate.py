@@ -1,0 +1,15 @@
+"""Evaluate a trained SAE: python evaluate.py run=<run dir> [n_images=...] [val_shards=...] [features=[...]]."""
+
+import hydra
+from omegaconf import DictConfig
+
+from sae_lightning.evaluation.run import evaluate_run
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    evaluate_run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The frozen open_clip vision transformer: loading, the truncated forward to `layer`, and splicing.
+
+`layer` is the 0-based index of the residual block whose *output* is read (negative counts from the
+end), so ViT-L/14's seed hook point is `layer=22` (== -2). Only blocks 0..layer run when activations are
+requested; `forward_from` runs the remaining blocks and the head, which is what the contrastive-loss
+evaluation splices into.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from pathlib import Path
+from typing import Callable, Literal
+
+import open_clip
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+Tokens = Literal["cls", "patches", "all"]
+TOKEN_CHOICES = ("cls", "patches", "all")
+HF_HUB_PREFIX = "hf-hub:"
+TINY_MODEL_NAME = "sae-tiny-vit"
+_MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(_MODEL_CONFIG_DIR)
+
+
+def select_tokens(residual: torch.Tensor, tokens: str) -> torch.Tensor:
+    """[B, T, d] residual stream -> cls [B, d], patches [B, T-1, d] or all [B, T, d]."""
+    if tokens == "cls":
+        return residual[:, 0]
+    if tokens == "patches":
+        return residual[:, 1:]
+    if tokens == "all":
+        return residual
+    raise ValueError(f"tokens must be one of {TOKEN_CHOICES}, got {tokens!r}")
+
+
+def replace_tokens(residual: torch.Tensor, tokens: str, values: torch.Tensor) -> torch.Tensor:
+    """A copy of `residual` with the `tokens` positions replaced by `values` (shape of `select_tokens`)."""
+    out = residual.clone()
+    if tokens == "cls":
+        out[:, 0] = values
+    elif tokens == "patches":
+        out[:, 1:] = values
+    elif tokens == "all":
+        out = values.to(residual.dtype).clone()
+    else:
+        raise ValueError(f"tokens must be one of {TOKEN_CHOICES}, got {tokens!r}")
+    return out
+
+
+def _is_local_file(pretrained: str | None) -> bool:
+    return pretrained is not None and Path(pretrained).expanduser().is_file()
+
+
+def resolve_model_args(name: str, pretrained: str | None, quick_gelu: bool | None = None) -> dict:
+    """Check `name`/`pretrained` before anything is downloaded or read, and decide QuickGELU.
+
+    OpenAI's CLIP weights were trained with QuickGELU; open_clip only warns when the config disagrees,
+    and the activations are then silently wrong. For a pretrained *tag* the tag's own metadata decides;
+    for a local file or hf-hub the caller may force it with `quick_gelu`.
+    """
+    if name.startswith(HF_HUB_PREFIX):
+        return {"model_name": name, "pretrained": None, "force_quick_gelu": bool(quick_gelu)}
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+        hint = f" Did you mean one of {close}?" if close else ""
+        raise ValueError(
+            f"Unknown open_clip model {name!r}.{hint} See open_clip.list_models() for all names, "
+            f"or use 'hf-hub:<org>/<repo>'."
+        )
+    force = bool(quick_gelu)
+    if pretrained is not None and not _is_local_file(pretrained):
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not cfg:
+            if any(sep in pretrained for sep in ("/", "\\")) or pretrained.endswith((".pt", ".bin", ".pth")):
+                raise FileNotFoundError(f"Pretrained checkpoint file {pretrained!r} does not exist.")
+            raise ValueError(
+                f"Unknown pretrained tag {pretrained!r} for {name!r}. Available tags: {tags or 'none'}; "
+                f"or pass a local checkpoint path."
+            )
+        if quick_gelu is None and cfg.get("quick_gelu", False) and not name.endswith("-quickgelu"):
+            log.info("%s:%s was trained with QuickGELU; building the model with QuickGELU.", name, pretrained)
+            force = True
+    return {"model_name": name, "pretrained": pretrained, "force_quick_gelu": force}
+
+
+class Backbone(nn.Module):
+    """A frozen open_clip CLIP whose vision tower can be run up to a block and resumed from it."""
+
+    def __init__(self, model: nn.Module, preprocess: Callable, tokenizer: Callable, name: str,
+                 pretrained: str | None):
+        super().__init__()
+        visual = getattr(model, "visual", None)
+        if visual is None or not hasattr(visual, "transformer") or not hasattr(visual.transformer, "resblocks"):
+            raise ValueError(
+                f"{name!r} has no open_clip VisionTransformer (timm or ModifiedResNet towers are not "
+                f"supported): the residual stream cannot be hooked."
+            )
+        self.model = model.eval().requires_grad_(False)
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.name = name
+        self.pretrained = pretrained
+        self.n_layers = len(visual.transformer.resblocks)
+        self.width = visual.transformer.width
+        size = visual.image_size
+        self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
+        grid = visual.grid_size
+        self.n_tokens = 1 + int(grid[0]) * int(grid[1])
+        self.embed_dim = int(model.text_projection.shape[1]) if hasattr(model, "text_projection") else None
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """The backbone is frozen: it stays in eval mode whatever the caller asks."""
+        return super().train(False)
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.model.visual
+
+    @property
+    def device(self) -> torch.device:
+        return self.visual.conv1.weight.device
+
+    def resolve_layer(self, layer: int) -> int:
+        """Map a (possibly negative) block index to 0..n_layers-1, or fail with the valid range."""
+        if not -self.n_layers <= layer < self.n_layers:
+            raise ValueError(
+                f"layer={layer} is outside {self.name!r}, which has {self.n_layers} residual blocks: "
+                f"use 0..{self.n_layers - 1} (or -{self.n_layers}..-1 from the end)."
+            )
+        return layer % self.n_layers
+
+    def n_tokens_for(self, tokens: str) -> int:
+        """Activations per image for a token selection."""
+        return {"cls": 1, "patches": self.n_tokens - 1, "all": self.n_tokens}[tokens]
+
+    def _run_blocks(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        transformer = self.visual.transformer
+        if not transformer.batch_first:
+            x = x.transpose(0, 1)
+        for block in transformer.resblocks[start:stop]:
+            x = block(x)
+        return x if transformer.batch_first else x.transpose(0, 1)
+
+    @torch.no_grad()
+    def residual(self, images: torch.Tensor, layer: int) -> torch.Tensor:
+        """Residual stream [B, T, d] at the output of block `layer`; later blocks are never run."""
+        layer = self.resolve_layer(layer)
+        images = images.to(self.visual.conv1.weight.dtype)
+        return self._run_blocks(self.visual._embeds(images), 0, layer + 1)
+
+    def activations(self, images: torch.Tensor, layer: int, tokens: str = "cls") -> torch.Tensor:
+        """The SAE's input: cls [B, d], patches [B, T-1, d] or all [B, T, d] at `layer`."""
+        return select_tokens(self.residual(images, layer), tokens)
+
+    @torch.no_grad()
+    def forward_from(self, residual: torch.Tensor, layer: int) -> torch.Tensor:
+        """Unnormalised image features from a (possibly edited) residual stream at `layer`."""
+        layer = self.resolve_layer(layer)
+        x = self._run_blocks(residual, layer + 1, self.n_layers)
+        pooled, _ = self.visual._pool(x)
+        return pooled @ self.visual.proj if self.visual.proj is not None else pooled
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Unnormalised image features of the untouched model (open_clip's own forward)."""
+        return self.model.encode_image(images.to(self.visual.conv1.weight.dtype))
+
+    @torch.no_grad()
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """Unnormalised text features for a list of prompts."""
+        return self.model.encode_text(self.tokenizer(texts).to(self.device))
+
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.detach().exp()
+
+    def mlp_out_vectors(self, layer: int) -> torch.Tensor:
+        """One d-vector per MLP neuron of block `layer`: what that neuron writes to the residual stream."""
+        block = self.visual.transformer.resblocks[self.resolve_layer(layer)]
+        return block.mlp.c_proj.weight.detach().T.contiguous()
+
+
+def load_backbone(name: str = "ViT-L-14", pretrained: str | None = "openai", device: str | torch.device = "cpu",
+                  cache_dir: str | None = None, quick_gelu: bool | None = None) -> Backbone:
+    """Load any open_clip model by name with a pretrained tag, a local checkpoint file, or an hf-hub: id.
+
+    The model is frozen and in eval mode. Errors about the name or tag come before any download.
+    """
+    args = resolve_model_args(name, None if pretrained in (None, "", "none") else str(pretrained), quick_gelu)
+    if args["pretrained"] is not None and _is_local_file(args["pretrained"]):
+        args["pretrained"] = str(Path(args["pretrained"]).expanduser())
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        args["model_name"], pretrained=args["pretrained"], force_quick_gelu=args["force_quick_gelu"],
+        device=device, cache_dir=cache_dir,
+    )
+    tokenizer = open_clip.get_tokenizer(args["model_name"])
+    return Backbone(model, preprocess, tokenizer, name, args["pretrained"])
+
+
+def write_tiny_checkpoint(path: str | Path, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny CLIP (registered as `sae-tiny-vit`) as a local checkpoint.
+
+    Tests and the demo load it back through `load_backbone(TINY_MODEL_NAME, pretrained=path)`, the same
+    path real local weights take. Written to a temporary name and renamed, so it is never half-written.
+    """
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = open_clip.create_model(TINY_MODEL_NAME, pretrained=None)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(model.state_dict(), tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_tiny_backbone(pretrained: str | Path, device: str | torch.device = "cpu", seed: int = 0) -> Backbone:
+    """The demo's backbone: writes the tiny random checkpoint on first use, then loads it like real weights."""
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        log.info("Writing the tiny random demo checkpoint to %s", path)
+        write_tiny_checkpoint(path, seed=seed)
+    return load_backbone(TINY_MODEL_NAME, pretrained=str(path), device=device)

@@ -1,0 +1,286 @@
+"""Webdataset image pipeline: shard lists, robust decoding with skip counting, batching, class names.
+
+Shards are tar files of samples (`<key>.jpg|jpeg|png|webp` + `<key>.cls`), see docs/format-shards.md.
+Everything that can fail on bad data (a corrupt image, a sample without an image) is skipped with a warning
+and counted, so a long run never dies on one bad file and the count is still visible in the logs.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import logging
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import braceexpand
+import PIL.Image
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+CLASSNAMES_FILE = "classnames.txt"
+_MISSING_SHOWN = 3
+
+
+def _is_url(name: str) -> bool:
+    return "://" in name or name.startswith("pipe:")
+
+
+def _expand_local(pattern: str, names: list[str]) -> list[str]:
+    found, missing = [], []
+    for name in names:
+        name = os.path.expanduser(name)
+        if glob.has_magic(name):
+            matches = sorted(glob.glob(name))
+        else:
+            matches = [name] if os.path.exists(name) else []
+        found.extend(os.path.abspath(m) for m in matches)
+        if not matches:
+            missing.append(name)
+    if missing:
+        shown = ", ".join(missing[:_MISSING_SHOWN]) + (", ..." if len(missing) > _MISSING_SHOWN else "")
+        raise FileNotFoundError(
+            f"shard pattern {pattern!r}: {len(missing)} of {len(names)} expanded name(s) do not exist "
+            f"({shown}). Check data.train_shards / data.val_shards, or run `make demo` to generate the "
+            "demo shards."
+        )
+    return found
+
+
+def expand_shards(patterns: str | Sequence[str]) -> list[str]:
+    """Turn brace/glob patterns (a list, or one string, '::'-separated) into a list of shard paths/URLs.
+
+    Local shards are checked here, before any DataLoader worker starts, so a typo fails with a clear
+    message instead of an empty epoch. URLs (http, s3, gs, pipe:, ...) are passed through unchecked.
+    """
+    if isinstance(patterns, (str, os.PathLike)):
+        patterns = [patterns]
+    urls: list[str] = []
+    for pattern in patterns:
+        for part in str(pattern).split("::"):
+            if not part:
+                continue
+            names = list(braceexpand.braceexpand(part))
+            urls.extend(names if _is_url(part) else _expand_local(part, names))
+    if not urls:
+        raise FileNotFoundError(
+            f"no shards in {patterns!r}. Set data.train_shards / data.val_shards, or run `make demo`."
+        )
+    return urls
+
+
+def _log_and_continue(exn: Exception) -> bool:
+    """Webdataset handler for unreadable shards: log and go on (wds.warn_and_continue sleeps 0.5 s)."""
+    log.warning("skipping unreadable shard data: %r", exn)
+    return True
+
+
+class _EpochStage:
+    """A pipeline stage that knows which pass over the data it is on (per process, as webdataset's own)."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self.epoch = -1
+
+    def _next_rng(self, *extra: int) -> random.Random:
+        self.epoch += 1
+        return random.Random(wds.utils.make_seed(self.seed, self.epoch, *extra))
+
+
+class _ShardPermutation(_EpochStage):
+    """Permute the whole shard list identically on every rank and worker, before splitting.
+
+    Shuffling before the split (same seed everywhere) changes which worker reads which shard each epoch,
+    which mixes better than webdataset's shard shuffle after the split.
+    """
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        shards = list(src)
+        self._next_rng().shuffle(shards)
+        yield from shards
+
+
+class _SampleShuffle(_EpochStage):
+    """Buffer shuffle seeded by (seed, epoch, rank, worker): reproducible, yet different per worker."""
+
+    def __init__(self, bufsize: int, seed: int) -> None:
+        super().__init__(seed)
+        self.bufsize = bufsize
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = self._next_rng(rank, worker)
+        return wds.filters.shuffle(self.bufsize, rng=rng)(iter(src))
+
+
+@dataclass
+class _Decoded:
+    image: torch.Tensor
+    label: int
+    key: str
+
+
+def _open_sample(sample: dict) -> tuple[PIL.Image.Image, int]:
+    image_key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if image_key is None:
+        raise ValueError(f"no image under any of {IMAGE_KEYS}; keys: {sorted(sample)}")
+    with PIL.Image.open(io.BytesIO(sample[image_key])) as raw:
+        image = raw.convert("RGB")  # forces the full decode, so truncated files fail here
+    label = int(sample["cls"]) % 3 if "cls" in sample else -1
+    return image, label
+
+
+def decode_samples(
+    samples: Iterable[dict], transform: Callable[[PIL.Image.Image], torch.Tensor]
+) -> Iterator[_Decoded | None]:
+    """Decode raw webdataset samples; yield None for a sample that cannot be decoded, so it is counted.
+
+    The transform runs outside the try block: an error there is a bug, not bad data, and must surface.
+    """
+    for sample in samples:
+        url = sample.get("__url__", "")
+        try:
+            image, label = _open_sample(sample)
+        except Exception as exn:  # noqa: BLE001 - PIL raises many types on bad bytes; none may stop a run
+            key, kind = sample.get("__key__"), type(exn).__name__
+            log.warning("skipping sample %r from %s: %s: %s", key, url, kind, exn)
+            yield None
+            continue
+        yield _Decoded(transform(image), label, f"{os.path.basename(url)}/{sample['__key__']}")
+
+
+def _collate(samples: list[_Decoded], n_skipped: int) -> dict:
+    return {
+        "images": torch.stack([s.image for s in samples]),
+        "labels": torch.tensor([s.label for s in samples], dtype=torch.long),
+        "keys": [s.key for s in samples],
+        "n_skipped": torch.tensor(n_skipped, dtype=torch.long),
+    }
+
+
+def batch_with_skips(samples: Iterable[_Decoded | None], batch_size: int, partial: bool) -> Iterator[dict]:
+    """Batch decoded samples; each batch carries the number of skipped samples since the previous one.
+
+    A full batch is held until the next good sample (or the end) arrives, so skips at the very end of the
+    stream are still attached to a batch. The sum is exact whenever the worker yields a batch, except for
+    skips among a final incomplete batch dropped with partial=False, which are logged instead.
+    """
+    held: tuple[list[_Decoded], int] | None = None
+    batch: list[_Decoded] = []
+    skipped = 0
+    for sample in samples:
+        if sample is None:
+            skipped += 1
+            continue
+        if held is not None:
+            yield _collate(held[0], held[1] + skipped)
+            held, skipped = None, 0
+        batch.append(sample)
+        if len(batch) == batch_size:
+            held, batch, skipped = (batch, skipped), [], 0
+    if held is not None:
+        yield _collate(held[0], held[1] + skipped)
+    elif batch and partial:
+        yield _collate(batch, skipped)
+    elif skipped:
+        log.warning("%d skipped sample(s) at the end of the stream are in no batch's n_skipped", skipped)
+
+
+def image_batches(
+    urls: Sequence[str],
+    transform: Callable[[PIL.Image.Image], torch.Tensor],
+    batch_size: int,
+    *,
+    shuffle: int = 1000,
+    shardshuffle: bool = True,
+    seed: int = 0,
+    resampled: bool = False,
+    partial: bool = False,
+) -> wds.DataPipeline:
+    """Build the per-worker pipeline: shards -> samples -> shuffle -> decode + transform -> batches.
+
+    Batching happens inside the worker (use the result with DataLoader(batch_size=None)). Yields dicts
+    {"images": [B,3,H,W], "labels": [B] (-1 without cls), "keys": ["shard.tar/key"], "n_skipped": scalar}.
+    resampled=True samples shards with replacement forever (no split: each worker has its own seed).
+    A worker that gets no shard yields nothing instead of raising.
+    """
+    urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
+    if resampled:
+        stages: list = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+    else:
+        stages = [wds.SimpleShardList(urls)]
+        if shardshuffle:
+            stages.append(_ShardPermutation(seed))
+        stages += [wds.split_by_node, wds.split_by_worker]
+    stages.append(wds.tarfile_to_samples(handler=_log_and_continue))
+    if shuffle > 0:
+        stages.append(_SampleShuffle(shuffle, seed))
+    stages.append(wds.pipelinefilter(decode_samples)(transform))
+    stages.append(wds.pipelinefilter(batch_with_skips)(batch_size, partial))
+    return wds.DataPipeline(*stages)
+
+
+def image_loader(
+    urls: Sequence[str],
+    transform: Callable[[PIL.Image.Image], torch.Tensor],
+    batch_size: int,
+    *,
+    num_workers: int = 4,
+    pin_memory: bool = False,
+    **pipeline_kwargs,
+) -> DataLoader:
+    """DataLoader over image_batches; batches are already formed in the workers (batch_size=None)."""
+    urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
+    _, world_size, _, _ = wds.utils.pytorch_worker_info()
+    readers = max(num_workers, 1) * world_size
+    if not pipeline_kwargs.get("resampled") and len(urls) < readers:
+        log.warning(
+            "%d shard(s) for %d reader(s) (%d rank(s) x %d worker(s)): some workers get no shard and "
+            "sit idle; write more, smaller shards or lower data.num_workers",
+            len(urls), readers, world_size, max(num_workers, 1),
+        )
+    dataset = image_batches(urls, transform, batch_size, **pipeline_kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+    )
+
+
+def _read_lines(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    return [line.strip() for line in lines]
+
+
+def load_classnames(spec: str | None, shards: Sequence[str] | None = None) -> list[str] | None:
+    """Class names indexed by label: "imagenet" (open_clip's), a text file, or the shards' classnames.txt.
+
+    With spec None, only the directory of the first local shard is searched; None means "no names known".
+    """
+    if spec == "imagenet":
+        from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
+
+        return list(IMAGENET_CLASSNAMES)
+    if spec is not None:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"class-name file {spec!r} not found (expected 'imagenet' or a file)")
+        return _read_lines(path)
+    if isinstance(shards, str):
+        shards = expand_shards(shards)
+    local = [s for s in shards or [] if not _is_url(s)]
+    if not local:
+        return None
+    candidate = Path(local[0]).parent / CLASSNAMES_FILE
+    return _read_lines(candidate) if candidate.is_file() else None

@@ -1,0 +1,96 @@
+"""The seed's SAE: untied ReLU encoder/decoder, L1 penalty, unit-norm decoder rows, ghost grads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sae_lightning.sae import functional as F_sae
+from sae_lightning.sae import io
+
+
+@dataclass
+class SAEOutput:
+    """Everything one forward of the loss produces (all losses are scalars)."""
+
+    total: torch.Tensor
+    mse: torch.Tensor
+    l1: torch.Tensor
+    ghost: torch.Tensor
+    feature_acts: torch.Tensor
+    reconstruction: torch.Tensor
+    hidden_pre: torch.Tensor
+
+
+class SparseAutoencoder(nn.Module):
+    """f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec (SAELens's "standard" layout)."""
+
+    architecture = "standard"
+
+    def __init__(self, d_in: int, d_sae: int, *, l1_coefficient: float = 8e-5, mse: str = "normalised",
+                 metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if mse not in ("normalised", "plain"):
+            raise ValueError(f"mse must be 'normalised' or 'plain', got {mse!r}")
+        self.d_in, self.d_sae = d_in, d_sae
+        self.l1_coefficient = l1_coefficient
+        self.mse_kind = mse
+        self.metadata = dict(metadata or {})
+        self.W_enc = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(d_in, d_sae, dtype=dtype)))
+        self.W_dec = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(d_sae, d_in, dtype=dtype)))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
+        self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
+        F_sae.normalise_decoder_rows(self.W_dec)
+
+    def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-activations (before ReLU) [..., F]; ghost grads need them."""
+        return (x.to(self.W_enc.dtype) - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature activations [..., d] -> [..., F]."""
+        return torch.relu(self.encode_pre(x))
+
+    def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction [..., F] -> [..., d]."""
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
+        """mse + l1_coefficient * mean_b sum_i |f_bi| + ghost (ghost only for dead features, else 0)."""
+        x = x.to(self.W_enc.dtype)
+        hidden_pre = self.encode_pre(x)
+        feature_acts = torch.relu(hidden_pre)
+        x_hat = self.decode(feature_acts)
+        mse_elem = F_sae.mse_elementwise(x_hat, x, normalised=self.mse_kind == "normalised")
+        mse = mse_elem.mean()
+        l1 = feature_acts.abs().sum(-1).mean()
+        if dead_mask is not None and bool(dead_mask.any()):
+            ghost = F_sae.ghost_grad_loss(x, x_hat, hidden_pre, self.W_dec, dead_mask, mse_elem)
+        else:
+            ghost = mse.new_zeros(())
+        total = mse + self.l1_coefficient * l1 + ghost
+        return SAEOutput(total, mse, l1, ghost, feature_acts, x_hat, hidden_pre)
+
+    def config(self) -> dict[str, Any]:
+        """The cfg.json contents (SAELens fields plus this project's metadata)."""
+        return io.saelens_config(self)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `directory/cfg.json` and `sae_weights.safetensors` atomically."""
+        return io.save_sae(self, directory)
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device | None = None) -> "SparseAutoencoder":
+        """Load an SAE saved here or by SAELens (standard architecture)."""
+        cfg, tensors = io.read_sae(directory, device=device)
+        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), l1_coefficient=float(cfg.get("l1_coefficient", 0.0)),
+                  mse=cfg.get("mse", "normalised"), metadata=cfg.get("metadata", {}),
+                  dtype=tensors["W_enc"].dtype)
+        sae.load_state_dict(tensors)
+        return sae.to(device) if device is not None else sae

@@ -1,0 +1,65 @@
+"""Build everything from a composed config and train: what `python train.py` runs."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from sae_lightning.config import save_resolved_config
+from sae_lightning.data.datamodule import require_train_shards
+
+log = logging.getLogger(__name__)
+
+
+def sae_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
+    """What an exported SAE must know about where its inputs came from (cfg.json `metadata`)."""
+    return {
+        "backbone": backbone.name,
+        "pretrained": backbone.pretrained,
+        "layer": datamodule.layer,
+        "tokens": datamodule.tokens,
+        "tokens_per_image": datamodule.tokens_per_image,
+        "image_size": backbone.image_size,
+        "dataset": str(cfg.data.train_shards),
+        "expansion": cfg.expansion,
+        "l1_coefficient": cfg.l1_coefficient,
+        "lr": cfg.lr,
+    }
+
+
+def total_steps(cfg: DictConfig, tokens_per_image: int) -> int:
+    """`max_steps` if set, else enough SAE steps to see `training_images` images once each."""
+    if cfg.max_steps:
+        return int(cfg.max_steps)
+    return math.ceil(cfg.training_images * tokens_per_image / cfg.sae_batch_size)
+
+
+def train(cfg: DictConfig) -> Path:
+    """Train one SAE as `cfg` says; returns the run directory."""
+    output_dir = Path(cfg.paths.output_dir)
+    require_train_shards(cfg.data.train_shards)  # before any weights are downloaded
+    save_resolved_config(cfg, output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+
+    backbone = instantiate(cfg.backbone)
+    datamodule = instantiate(cfg.data, backbone=backbone)
+    d_in = backbone.width
+    sae = instantiate(cfg.sae, d_in=d_in, d_sae=cfg.expansion * d_in,
+                      metadata=sae_metadata(cfg, backbone, datamodule))
+    module = instantiate(cfg.module, sae=sae)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    steps = total_steps(cfg, datamodule.tokens_per_image)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, max_steps=steps)
+    log.info("Training a %d x %d SAE on %s layer %d (%s tokens) for %d steps; outputs in %s",
+             d_in, sae.d_sae, backbone.name, datamodule.layer, datamodule.tokens, steps, output_dir)
+    log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    return output_dir
