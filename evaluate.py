@@ -1,9 +1,15 @@
-"""Evaluate a trained SAE: python evaluate.py run=<run dir> [n_images=...] [val_shards=...] [features=[...]]."""
+"""Evaluate a trained SAE: `python evaluate.py run=<run dir> [n_images=N] [val_shards=...] [features=[1,2]]`.
+
+Config: conf/evaluate.yaml; outputs: docs/format-eval.md.
+"""
 
 import hydra
 from omegaconf import DictConfig
 
+from sae_lightning.config import register_resolvers
 from sae_lightning.evaluation.run import evaluate_run
+
+register_resolvers()
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +16,9 @@ from sae_lightning.config import save_resolved_config
 from sae_lightning.data.datamodule import require_train_shards
 
 log = logging.getLogger(__name__)
+
+# Our checkpoints hold the state after each step on purpose; Lightning warns about it for manual optimisation.
+warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
 
 
 def sae_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
@@ -53,7 +57,7 @@ def train(cfg: DictConfig) -> Path:
     d_in = backbone.width
     sae = instantiate(cfg.sae, d_in=d_in, d_sae=cfg.expansion * d_in,
                       metadata=sae_metadata(cfg, backbone, datamodule))
-    module = instantiate(cfg.module, sae=sae)
+    module = instantiate(cfg.module, sae=sae, _convert_="all")  # plain types in checkpoints
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     steps = total_steps(cfg, datamodule.tokens_per_image)

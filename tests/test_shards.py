@@ -137,6 +137,14 @@ def test_trailing_skips_are_counted_with_partial_false(bad_shards):
     assert skipped == n_bad and sorted(keys) == sorted(good)
 
 
+def test_unreadable_tar_does_not_stop_the_stream(bad_shards, tmp_path):
+    shards, good, n_bad = bad_shards
+    (tmp_path / "garbage.tar").write_bytes(np.random.default_rng(3).bytes(3000))
+    urls = [str(tmp_path / "garbage.tar"), *shards]
+    _, keys, _, skipped = collect(image_batches(urls, TRANSFORM, 4, partial=True, shardshuffle=False))
+    assert skipped == n_bad and sorted(keys) == sorted(good)
+
+
 def test_loader_with_workers_counts_exactly(bad_shards, caplog):
     shards, good, n_bad = bad_shards
     loader = image_loader(shards, TRANSFORM, 3, num_workers=2, partial=True, shuffle=10)

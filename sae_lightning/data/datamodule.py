@@ -27,8 +27,9 @@ AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 NO_SHARDS_MESSAGE = (
     "No training shards given. Point data.train_shards at webdataset shards, e.g.\n"
-    "  python train.py data.train_shards='/data/imagenet/train-{000000..001281}.tar'\n"
-    "or set SAE_TRAIN_SHARDS; convert an ImageFolder tree with\n"
+    "  python train.py 'data.train_shards=/data/imagenet/train-*.tar'\n"
+    "  python train.py 'data.train_shards=\"/data/imagenet/train-{000000..001281}.tar\"'  (braces need the inner quotes)\n"
+    "or export SAE_TRAIN_SHARDS='/data/imagenet/train-*.tar'; convert an ImageFolder tree with\n"
     "  python -m sae_lightning.data.make_shards --root /data/imagenet/train --out /data/imagenet-shards\n"
     "or try everything offline first with `make demo` (python train.py experiment=demo)."
 )

@@ -133,7 +133,7 @@ def _open_sample(sample: dict) -> tuple[PIL.Image.Image, int]:
         raise ValueError(f"no image under any of {IMAGE_KEYS}; keys: {sorted(sample)}")
     with PIL.Image.open(io.BytesIO(sample[image_key])) as raw:
         image = raw.convert("RGB")  # forces the full decode, so truncated files fail here
-    label = int(sample["cls"]) % 3 if "cls" in sample else -1
+    label = int(sample["cls"]) if "cls" in sample else -1
     return image, label
 
 

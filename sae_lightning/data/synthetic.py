@@ -243,7 +243,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     train, val = ensure_demo_shards(args.out, args.n_train, args.n_val, args.image_size, args.seed)
-    print(f"data.train_shards={train}\ndata.val_shards={val}")
+    # Hydra's override grammar reads unquoted braces as a dict: print the quoted, copy-pasteable form.
+    print(f"""'data.train_shards="{train}"' 'data.val_shards="{val}"'""")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from sae_lightning.backbone import replace_tokens, select_tokens
 from sae_lightning.data.shards import image_batches
-from sae_lightning.evaluation.contrastive import ContrastiveAccumulator, class_text_features, three_way_features
+from sae_lightning.evaluation.contrastive import (
+    ContrastiveAccumulator,
+    class_text_features,
+    three_way_features,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,8 @@ class ContrastiveEvalCallback(Callback):
                         "loss is not logged during training. Set data.val_shards to enable it.")
             return
         if not getattr(dm, "classnames", None):
-            log.warning("ContrastiveEvalCallback: no class names (data.classnames), so no prompts: contrastive "
-                        "loss is not logged during training.")
+            log.warning("ContrastiveEvalCallback: no class names (data.classnames), so no prompts: "
+                        "contrastive loss is not logged during training.")
             return
         self.backbone, self.layer, self.tokens = dm.backbone, dm.layer, dm.tokens
         device = pl_module.device
@@ -107,5 +111,5 @@ class ContrastiveEvalCallback(Callback):
 
 
 def _short(key: str) -> str:
-    """contrastive_loss_sae -> loss_sae, contrastive_loss_score -> score, zero_shot_accuracy_x -> zero_shot_x."""
+    """TensorBoard name: contrastive_loss_sae -> loss_sae, zero_shot_accuracy_sae -> zero_shot_sae, ..."""
     return key.replace("contrastive_loss_score", "score").replace("contrastive_", "").replace("accuracy_", "")

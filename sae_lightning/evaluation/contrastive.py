@@ -26,7 +26,8 @@ WAYS = ("original", "sae", "ablated")
 PROMPT_TEMPLATE = "A photo of a {}."
 
 
-def clip_contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
+def clip_contrastive_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float
+                          ) -> Tensor:
     """Symmetric cross-entropy between B images and their B texts (row i matches row i)."""
     img = F.normalize(image_features.float(), dim=-1)
     txt = F.normalize(text_features.float(), dim=-1)
@@ -48,11 +49,12 @@ def three_way_features(backbone, residual: Tensor, layer: int, tokens: str, reco
                        ) -> dict[str, Tensor]:
     """Image features [B, e] from the residual at `layer`: as is, with the hooked tokens replaced by the
     SAE `reconstruction` (shape of `select_tokens`), and with them zeroed."""
+    spliced = replace_tokens(residual, tokens, reconstruction.to(residual.dtype))
+    ablated = replace_tokens(residual, tokens, torch.zeros_like(select_tokens(residual, tokens)))
     return {
         "original": backbone.forward_from(residual, layer),
-        "sae": backbone.forward_from(replace_tokens(residual, tokens, reconstruction.to(residual.dtype)), layer),
-        "ablated": backbone.forward_from(
-            replace_tokens(residual, tokens, torch.zeros_like(select_tokens(residual, tokens))), layer),
+        "sae": backbone.forward_from(spliced, layer),
+        "ablated": backbone.forward_from(ablated, layer),
     }
 
 
@@ -90,11 +92,9 @@ class ContrastiveAccumulator:
         return dict.fromkeys([*keys, "contrastive_loss_score"], math.nan)
 
     def compute(self) -> dict[str, float]:
-        out: dict[str, float] = {}
-        for way in WAYS:
-            out[f"contrastive_loss_{way}"] = self.loss_sum[way] / self.n_batches if self.n_batches else math.nan
-        for way in WAYS:
-            out[f"zero_shot_accuracy_{way}"] = self.correct[way] / self.n_images if self.n_images else math.nan
+        nb, ni = self.n_batches or math.nan, self.n_images or math.nan
+        out = {f"contrastive_loss_{way}": self.loss_sum[way] / nb for way in WAYS}
+        out |= {f"zero_shot_accuracy_{way}": self.correct[way] / ni for way in WAYS}
         out["contrastive_loss_score"] = contrastive_loss_score(
             out["contrastive_loss_original"], out["contrastive_loss_sae"], out["contrastive_loss_ablated"])
         return out

@@ -1,4 +1,4 @@
-"""The evaluation figures (matplotlib, Agg backend): each function returns a Figure for PNG and TensorBoard."""
+"""The evaluation figures (matplotlib, Agg backend); each returns a Figure: PNG + TensorBoard."""
 
 from __future__ import annotations
 

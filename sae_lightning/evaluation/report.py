@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 from sae_lightning.evaluation.feature_stats import FeatureStats
 
 FORMAT_VERSION = 1
+PROVENANCE = {"run_dir", "sae_path", "backbone", "pretrained", "layer", "tokens", "shards", "classnames", "device",
+              "seed", "date", "sae_lightning_version"}
 
 
 def json_safe(value: Any) -> Any:
@@ -94,7 +96,7 @@ def write_report(path: Path, metrics: dict[str, Any], plots: dict[str, Path]) ->
         "| --- | --- |",
     ]
     for key, value in m.items():
-        if isinstance(value, (int, float)) or value is None:
+        if key not in PROVENANCE and (isinstance(value, (int, float)) or value is None):
             lines.append(f"| `{key}` | {_fmt(value)} |")
     lines += ["", "Undefined values (no full batch, no cluster, ...) are `null` in metrics.json.", ""]
     for name, plot in plots.items():

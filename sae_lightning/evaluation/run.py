@@ -1,4 +1,4 @@
-"""`evaluate.py`'s work: one streaming pass over held-out shards, the analyses, and everything under <run>/eval/.
+"""`evaluate.py`'s work: one streaming pass over held-out shards, the analyses, and <run>/eval/.
 
 Per batch the backbone runs up to `layer` once; the SAE encodes the hooked tokens (in chunks of at most
 `max_tokens` rows, so patch runs with 65,536 features fit), feeding the feature statistics and the
@@ -25,7 +25,11 @@ from sae_lightning.data.shards import expand_shards, image_loader, load_classnam
 from sae_lightning.evaluation import plots
 from sae_lightning.evaluation.alignment import neuron_alignment
 from sae_lightning.evaluation.clusters import detect_cluster, encoder_cosine_stats
-from sae_lightning.evaluation.contrastive import ContrastiveAccumulator, class_text_features, three_way_features
+from sae_lightning.evaluation.contrastive import (
+    ContrastiveAccumulator,
+    class_text_features,
+    three_way_features,
+)
 from sae_lightning.evaluation.feature_stats import FeatureStats, FeatureStatsAccumulator, KeyTable
 from sae_lightning.evaluation.fetch import fetch_images
 from sae_lightning.evaluation.reconstruction import ReconstructionAccumulator
@@ -84,8 +88,8 @@ def stream_pass(backbone, sae: SparseAutoencoder, loader, *, layer: int, tokens:
     recon = ReconstructionAccumulator(sae.d_in, device)
     contrastive = None
     if classnames:
-        contrastive = ContrastiveAccumulator(class_text_features(backbone, classnames), backbone.logit_scale(),
-                                             batch_size)
+        text = class_text_features(backbone, classnames)
+        contrastive = ContrastiveAccumulator(text, backbone.logit_scale(), batch_size)
     else:
         log.warning("no class names: contrastive loss and zero-shot accuracy are undefined (null)")
     per_chunk = max(1, max_tokens // backbone.n_tokens_for(tokens))
@@ -112,11 +116,14 @@ def stream_pass(backbone, sae: SparseAutoencoder, loader, *, layer: int, tokens:
             recons.append(x_hat)
         keys.add(seen, batch["keys"][:take], stats)
         if contrastive is not None:
-            contrastive.update(three_way_features(backbone, residual, layer, tokens, torch.cat(recons)), labels)
+            features = three_way_features(backbone, residual, layer, tokens, torch.cat(recons))
+            contrastive.update(features, labels)
         seen += take
         bar.update(take)
         if seen >= n_images:
             break
+    bar.total = seen  # the shards may hold fewer than n_images
+    bar.refresh()
     bar.close()
     if seen == 0:
         raise RuntimeError("the evaluation shards yielded no image")
@@ -167,10 +174,10 @@ def analyse(stats: FeatureStats, sae: SparseAutoencoder, neurons: torch.Tensor, 
         "alignment_n_neurons": int(neurons.shape[0]),
         "alignment_threshold": align.threshold,
         "alignment_aligned_features": aligned,
-        "alignment_fraction_aligned": aligned / n_analysed if n_analysed else math.nan,
-        "alignment_mean_max_cosine": align.max_cosine.mean().item() if n_analysed else math.nan,
-        "alignment_baseline_mean_max_cosine": align.baseline_max_cosine.mean().item() if n_analysed else math.nan,
-        "alignment_mean_aligned_neurons": align.aligned_counts.float().mean().item() if n_analysed else math.nan,
+        "alignment_fraction_aligned": aligned / (n_analysed or math.nan),
+        "alignment_mean_max_cosine": align.max_cosine.double().mean().item(),
+        "alignment_baseline_mean_max_cosine": align.baseline_max_cosine.double().mean().item(),
+        "alignment_mean_aligned_neurons": align.aligned_counts.double().mean().item(),
     }
     extra = {"in_cluster": cluster.in_cluster, "max_mlp_cosine": max_cos, "aligned_neurons": counts}
     plot_data = {"log_mean_top": log_mean_top.cpu(), "cluster": cluster, "alignment": align}
@@ -236,8 +243,8 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     layer = backbone.resolve_layer(int(run_cfg.layer))
     tokens = str(run_cfg.tokens)
     if sae.metadata.get("layer") not in (None, layer) or sae.metadata.get("tokens") not in (None, tokens):
-        log.warning("the SAE's metadata (layer %s, tokens %s) disagrees with the run config (layer %s, tokens %s)",
-                    sae.metadata.get("layer"), sae.metadata.get("tokens"), layer, tokens)
+        log.warning("the SAE's metadata (layer %s, tokens %s) disagrees with the run config (layer %s, "
+                    "tokens %s)", sae.metadata.get("layer"), sae.metadata.get("tokens"), layer, tokens)
     shard_spec = cfg.val_shards or OmegaConf.select(run_cfg, "data.val_shards")
     if not shard_spec:
         raise ValueError("no held-out shards: the run has no data.val_shards; pass val_shards=<pattern>")
@@ -247,7 +254,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     loader = image_loader(urls, backbone.preprocess, cfg.batch_size, num_workers=cfg.num_workers,
                           pin_memory=device.type == "cuda", shuffle=cfg.shuffle, shardshuffle=True,
                           seed=cfg.seed, partial=True)
-    log.info("evaluating %s on up to %d images from %d shard(s), device %s", run, cfg.n_images, len(urls), device)
+    log.info("evaluating %s on up to %d images from %d shard(s) on %s", run, cfg.n_images, len(urls), device)
     result = stream_pass(backbone, sae, loader, layer=layer, tokens=tokens, n_images=cfg.n_images,
                          k=cfg.top_k, classnames=classnames, batch_size=cfg.batch_size,
                          max_tokens=cfg.max_tokens, device=device)
@@ -271,7 +278,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         "layer": layer,
         "tokens": tokens,
         "shards": urls,
-        "classnames": names_spec if isinstance(names_spec, str) else None,
+        "classnames": names_spec or ("classnames.txt beside the shards" if classnames else None),
         "device": str(device),
         "seed": cfg.seed,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -282,17 +289,9 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         "tokens": tokens, "layer": layer, "backbone": backbone.name, "run_dir": str(run), "shards": urls,
         "classnames": classnames, "top_image_activation": "max over the image's hooked tokens",
     })
-    figures = {
-        "density_histogram": plots.density_histogram(stats.density.cpu(), f"Feature density over {stats.n_images} images"),
-        "cluster_scatter": plots.cluster_scatter(log10_density(stats.density.cpu()), plot_data["log_mean_top"],
-                                                 stats.label_entropy.cpu(), extra["in_cluster"], stats.k),
-        "alignment_max_cosine": plots.alignment_histograms(plot_data["alignment"].max_cosine,
-                                                           plot_data["alignment"].baseline_max_cosine,
-                                                           plot_data["alignment"].threshold),
-        "alignment_counts": plots.aligned_counts_histogram(plot_data["alignment"].aligned_counts),
-        **draw_grids(stats, result.keys, urls, grid_features(stats, cfg.n_grid_features, list(cfg.features)),
-                     classnames),
-    }
+    figures = make_figures(stats, extra["in_cluster"], plot_data)
+    chosen = grid_features(stats, cfg.n_grid_features, list(cfg.features))
+    figures |= draw_grids(stats, result.keys, urls, chosen, classnames)
     paths = {name: plots.save_figure(fig, out / "plots" / f"{name}.png") for name, fig in figures.items()}
     if cfg.tensorboard:
         log_to_tensorboard(run / "tensorboard" / "eval", metrics, figures)
@@ -301,6 +300,20 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     write_report(out / "report.md", metrics, paths)
     log.info("wrote %s (metrics.json, features.safetensors/json, %d plots, report.md)", out, len(paths))
     return metrics
+
+
+def make_figures(stats: FeatureStats, in_cluster: torch.Tensor, plot_data: dict[str, Any]) -> dict[str, Any]:
+    """The density histogram, the cluster scatter and the two alignment histograms."""
+    align = plot_data["alignment"]
+    density = stats.density.cpu()
+    return {
+        "density_histogram": plots.density_histogram(density, f"Feature density, {stats.n_images} images"),
+        "cluster_scatter": plots.cluster_scatter(log10_density(density), plot_data["log_mean_top"],
+                                                 stats.label_entropy.cpu(), in_cluster, stats.k),
+        "alignment_max_cosine": plots.alignment_histograms(align.max_cosine, align.baseline_max_cosine,
+                                                           align.threshold),
+        "alignment_counts": plots.aligned_counts_histogram(align.aligned_counts),
+    }
 
 
 def log_to_tensorboard(directory: Path, metrics: dict[str, Any], figures: dict[str, Any]) -> None:

@@ -1,0 +1,106 @@
+"""End to end: the shrunk demo trains, logs what users watch, exports a loadable SAE, resumes, sweeps."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sae_lightning import SparseAutoencoder
+from tests.conftest import ROOT, compose_config, demo_overrides
+
+SCALAR_TAGS = [
+    "losses/mse", "losses/l1", "losses/ghost", "losses/total",
+    "metrics/l0", "metrics/explained_variance", "metrics/explained_variance_uncentred",
+    "metrics/mse", "metrics/mse_normalised",
+    "features/dead_features", "features/ultra_rare_features", "features/dense_features",
+    "features/ghost_grad_features", "lr", "progress/images_seen", "progress/activations_seen",
+]
+
+pytestmark = pytest.mark.slow
+
+
+def read_events(run_dir: Path) -> EventAccumulator:
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    return events
+
+
+def test_demo_run_logs_every_tag(demo_run):
+    events = read_events(demo_run)
+    tags = events.Tags()
+    missing = [t for t in SCALAR_TAGS if t not in tags["scalars"]]
+    assert not missing, f"missing TensorBoard scalars: {missing}"
+    assert "features/log10_density" in tags["histograms"]
+    assert "features/log10_density_plot" in tags["images"]
+    steps = [e.step for e in events.Scalars("losses/total")]
+    assert steps == sorted(steps) and steps[-1] == 30
+    lrs = {e.step: e.value for e in events.Scalars("lr")}
+    assert lrs[5] == pytest.approx(1e-3, rel=1e-6) and lrs[30] == pytest.approx(1e-3, rel=1e-6)
+    seen = [e.value for e in events.Scalars("progress/images_seen")]
+    assert seen == sorted(seen) and seen[-1] >= 30 * 64
+
+
+def test_resolved_config_and_exported_sae_match_the_checkpoint(demo_run):
+    resolved = OmegaConf.load(demo_run / ".hydra" / "resolved.yaml")
+    assert resolved.expansion == 4 and "${" not in OmegaConf.to_yaml(resolved)
+    sae = SparseAutoencoder.load(demo_run / "sae")
+    assert sae.d_sae == 4 * sae.d_in
+    assert sae.metadata["layer"] == 2 and sae.metadata["tokens"] == "cls"
+    ckpt = torch.load(demo_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 30
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(getattr(sae, name), ckpt["state_dict"][f"sae.{name}"]), name
+    norms = sae.W_dec.norm(dim=-1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-2)
+    x = torch.randn(16, sae.d_in)
+    again = SparseAutoencoder.load(demo_run / "sae")
+    assert torch.equal(sae.encode(x), again.encode(x)) and torch.equal(sae(x), again(x))
+
+
+def test_resume_continues_the_step_count_and_counters(demo_run, tmp_path, data_dir, tiny_shards):
+    from sae_lightning.training import train
+
+    last = demo_run / "checkpoints" / "last.ckpt"
+    before = torch.load(last, map_location="cpu", weights_only=True)
+    cfg = compose_config(demo_overrides(tmp_path, data_dir, tiny_shards, [f"ckpt_path={last}", "max_steps=40"]))
+    train(cfg)
+    after = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert after["global_step"] == 40
+    dm_before = before["ImageActivationDataModule"]
+    dm_after = after["ImageActivationDataModule"]
+    assert dm_after["images_seen"] > dm_before["images_seen"]
+    events = read_events(tmp_path)
+    assert min(e.step for e in events.Scalars("losses/total")) > 30
+
+
+def run_train_cli(args: list[str], env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("SAE_TRAIN_SHARDS", "SAE_VAL_SHARDS")}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_train_without_shards_says_what_to_do(tmp_path):
+    result = run_train_cli([f"hydra.run.dir={tmp_path}"])
+    assert result.returncode != 0
+    assert "data.train_shards" in result.stderr and "make demo" in result.stderr
+    assert "Downloading" not in result.stderr
+
+
+def test_multirun_gives_one_run_directory_per_job(tmp_path, data_dir, tiny_shards):
+    overrides = [o for o in demo_overrides(tmp_path, data_dir, tiny_shards)
+                 if not o.startswith(("paths.output_dir", "expansion", "training_images"))]
+    result = run_train_cli(["-m", *overrides, "expansion=2,4", "training_images=640",
+                            f"hydra.sweep.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, expansion in (("0", 2), ("1", 4)):
+        sae = SparseAutoencoder.load(tmp_path / job / "sae")
+        assert sae.d_sae == expansion * sae.d_in
+        assert (tmp_path / job / "tensorboard").is_dir()
