@@ -59,7 +59,8 @@ def backbone(tmp_path_factory):
 def _fit(backbone, val_shards, classnames, callback):
     logger = ListLogger()
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=logger, callbacks=[callback],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=1)
     module = TinyModule(backbone.width)
     trainer.fit(module, datamodule=TinyData(backbone, val_shards, classnames))
     return module, logger

@@ -61,12 +61,12 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_write_fails(tmp_path: Path,
     io.save_checkpoint({"step": 1}, path)
     original = path.read_bytes()
 
-    def full_disk(checkpoint, filepath, storage_options=None):
+    def full_disk(self, checkpoint, filepath, storage_options=None):
         Path(filepath).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("lightning.fabric.plugins.io.torch_io.TorchCheckpointIO.save_checkpoint", full_disk)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="Is the disk full"):
         io.save_checkpoint({"step": 2}, path)
     assert path.read_bytes() == original
     assert not (tmp_path / "last.ckpt.tmp").exists()

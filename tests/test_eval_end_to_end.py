@@ -1,0 +1,107 @@
+"""evaluate.py on a shrunk demo run: every metrics.json key, valid PNGs, the per-feature files as documented."""
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from sae_lightning.evaluation.run import evaluate_run
+
+ROOT = Path(__file__).resolve().parents[1]
+
+DESIGN_KEYS = {
+    "l0", "explained_variance", "explained_variance_uncentred", "mse", "mse_normalised",
+    "dead_features", "ultra_rare_features", "dense_features",
+    "contrastive_loss_original", "contrastive_loss_sae", "contrastive_loss_ablated", "contrastive_loss_score",
+    "zero_shot_accuracy_original", "zero_shot_accuracy_sae", "zero_shot_accuracy_ablated",
+    "cluster_found", "cluster_size", "cluster_encoder_cosine_inside", "cluster_encoder_cosine_outside",
+    "alignment_n_features", "alignment_threshold", "alignment_aligned_features", "alignment_mean_max_cosine",
+    "n_images", "run_dir", "sae_path", "backbone", "layer", "tokens", "shards", "date",
+}
+
+
+def _eval_cfg(overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="evaluate", overrides=overrides)
+
+
+@pytest.fixture(scope="module")
+def evaluated(demo_run) -> Path:
+    cmd = [sys.executable, "evaluate.py", f"run={demo_run}", "n_images=100", "features=[0,3]", "top_k=5",
+           "batch_size=32", "num_workers=0", "device=cpu", "n_grid_features=1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return demo_run / "eval"
+
+
+@pytest.mark.slow
+def test_metrics_json_has_every_key(evaluated):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert DESIGN_KEYS <= set(metrics)
+    assert metrics["n_images"] == 100 and metrics["top_k"] == 5
+    assert metrics["contrastive_loss_original"] > 0 and 0 <= metrics["zero_shot_accuracy_sae"] <= 1
+    assert metrics["dead_features"] + (metrics["n_features"] - metrics["live_features"]) >= 0
+    assert "![cluster_scatter](plots/cluster_scatter.png)" in (evaluated / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_plots_are_valid_pngs_and_in_tensorboard(evaluated, demo_run):
+    names = {p.name for p in (evaluated / "plots").glob("*.png")}
+    assert {"density_histogram.png", "cluster_scatter.png", "alignment_max_cosine.png",
+            "alignment_counts.png", "top_images_feature_0.png", "top_images_feature_3.png"} <= names
+    assert len(names) >= 7  # + the most/least entropic grids
+    for png in (evaluated / "plots").glob("*.png"):
+        with PIL.Image.open(png) as image:
+            image.verify()
+            assert image.format == "PNG"
+    assert list((demo_run / "tensorboard" / "eval").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_per_feature_files_read_back_as_documented(evaluated):
+    tensors = load_file(str(evaluated / "features.safetensors"))
+    meta = json.loads((evaluated / "features.json").read_text())
+    n, k = meta["n_features"], meta["k"]
+    assert k == 5 and meta["n_images"] == 100
+    for name, spec in meta["tensors"].items():
+        assert list(tensors[name].shape) == spec["shape"]
+    assert tensors["top_indices"].shape == (n, k) and tensors["top_values"].dtype == torch.float32
+    assert tensors["entropy_defined"].dtype == torch.bool
+    undefined = ~tensors["entropy_defined"]
+    assert torch.isnan(tensors["label_entropy"][undefined]).all()
+    padded = tensors["top_indices"] == -1
+    assert torch.isinf(tensors["top_values"][padded]).all() and (tensors["top_labels"][padded] == -1).all()
+
+    # every recorded image key resolves to a sample whose label in the shard is the recorded label
+    shards = {Path(s).name: s for s in meta["shards"]}
+    labels_by_key = {}
+    for name, path in shards.items():
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".cls"):
+                    key = f"{name}/{member.name[:-4]}"
+                    labels_by_key[key] = int(tar.extractfile(member).read())
+    checked = 0
+    for f in range(n):
+        for idx, label in zip(tensors["top_indices"][f].tolist(), tensors["top_labels"][f].tolist()):
+            if idx >= 0:
+                assert labels_by_key[meta["image_keys"][str(idx)]] == label
+                checked += 1
+    assert checked > 0
+    assert all(0 <= int(i) < 100 for i in meta["image_keys"])
+
+
+def test_clear_errors_for_a_wrong_run(tmp_path):
+    with pytest.raises(ValueError, match="run=<run dir>"):
+        evaluate_run(_eval_cfg([]))
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        evaluate_run(_eval_cfg([f"run={tmp_path / 'nope'}"]))
+    with pytest.raises(FileNotFoundError, match="no exported SAE"):
+        evaluate_run(_eval_cfg([f"run={tmp_path}"]))
