@@ -55,10 +55,13 @@ class ExportSAECallback(Callback):
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        self._exported_step: int | None = None
 
     def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.is_global_zero:
+        """Once per step (a step can save several checkpoints, e.g. step_*.ckpt and last.ckpt)."""
+        if trainer.is_global_zero and self._exported_step != trainer.global_step:
             pl_module.sae.save(self.directory)
+            self._exported_step = trainer.global_step
             log.info("Exported the SAE at step %d to %s", trainer.global_step, self.directory)
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:

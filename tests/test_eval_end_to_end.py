@@ -1,4 +1,4 @@
-"""evaluate.py on a shrunk demo run: every metrics.json key, valid PNGs, the per-feature files as documented."""
+"""evaluate.py on a shrunk demo run: every metrics.json key, valid PNGs, the per-feature files read back."""
 
 import json
 import subprocess
@@ -105,3 +105,29 @@ def test_clear_errors_for_a_wrong_run(tmp_path):
         evaluate_run(_eval_cfg([f"run={tmp_path / 'nope'}"]))
     with pytest.raises(FileNotFoundError, match="no exported SAE"):
         evaluate_run(_eval_cfg([f"run={tmp_path}"]))
+
+
+@pytest.mark.parametrize("tokens", ["patches", "all"])
+def test_stream_pass_chunking_does_not_change_results(tmp_path, tiny_shards, tokens):
+    from sae_lightning.backbone import load_tiny_backbone
+    from sae_lightning.data.shards import image_batches
+    from sae_lightning.data.synthetic import DEMO_CLASSNAMES
+    from sae_lightning.evaluation.run import stream_pass
+    from sae_lightning.sae import SparseAutoencoder
+
+    backbone = load_tiny_backbone(tmp_path / "tiny.pt")
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(backbone.width, 96)
+    results = []
+    for max_tokens in (40, 10_000):  # 2 images per chunk vs the whole batch at once
+        loader = image_batches(tiny_shards[1], backbone.preprocess, 8, shuffle=0, shardshuffle=False, partial=True)
+        results.append(stream_pass(backbone, sae, loader, layer=1, tokens=tokens, n_images=20, k=4,
+                                    classnames=DEMO_CLASSNAMES, batch_size=8, max_tokens=max_tokens,
+                                    device=torch.device("cpu")))
+    a, b = results
+    assert a.stats.n_images == 20 and a.stats.n_tokens == 20 * backbone.n_tokens_for(tokens)
+    assert torch.equal(a.stats.top_indices, b.stats.top_indices)
+    assert torch.allclose(a.stats.density, b.stats.density)
+    assert a.reconstruction == pytest.approx(b.reconstruction)
+    assert a.contrastive == pytest.approx(b.contrastive, nan_ok=True)
+    assert a.keys == b.keys and set(a.keys) == set(a.stats.top_indices[a.stats.top_indices >= 0].tolist())

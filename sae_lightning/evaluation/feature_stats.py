@@ -92,7 +92,7 @@ class FeatureStatsAccumulator:
         acts = acts.to(dev)
         fired = acts > 0
         self.fire_count += fired.sum((0, 1))
-        self.act_sum += acts.sum((0, 1), dtype=torch.float64)
+        self.act_sum += acts.sum((0, 1)).double()  # float64 across batches, no float64 copy of acts
         per_image = acts.amax(1).float()  # [B, F]: image activation = max over its tokens
         image_fired = per_image > 0
         self.image_fire_count += image_fired.sum(0)

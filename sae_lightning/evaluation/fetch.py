@@ -21,6 +21,11 @@ from sae_lightning.data.shards import decode_samples
 log = logging.getLogger(__name__)
 
 
+def _skip_unreadable(exn: Exception) -> bool:
+    log.warning("skipping unreadable shard data while fetching images: %r", exn)
+    return True
+
+
 def sample_key(sample: dict) -> str:
     """The key the shard pipeline gives a sample (see sae_lightning.data.shards.decode_samples)."""
     return f"{os.path.basename(sample.get('__url__', ''))}/{sample['__key__']}"
@@ -42,7 +47,7 @@ def fetch_images(urls: list[str], keys: Iterable[str], size: int = 160) -> dict[
         return found
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(urls)),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.tarfile_to_samples(handler=_skip_unreadable),
         wds.select(lambda s: sample_key(s) in wanted),
     )
     for decoded in decode_samples(pipeline, partial(thumbnail, size=size)):

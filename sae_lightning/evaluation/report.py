@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from sae_lightning.evaluation.feature_stats import FeatureStats
 
 FORMAT_VERSION = 1
-PROVENANCE = {"run_dir", "sae_path", "backbone", "pretrained", "layer", "tokens", "shards", "classnames", "device",
-              "seed", "date", "sae_lightning_version"}
+PROVENANCE = {"run_dir", "sae_path", "backbone", "pretrained", "layer", "tokens", "shards", "classnames",
+              "device", "seed", "date", "sae_lightning_version"}
 
 
 def json_safe(value: Any) -> Any:

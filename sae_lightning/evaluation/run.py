@@ -190,19 +190,13 @@ def grid_features(stats: FeatureStats, n: int, named: list[int]) -> dict[str, in
     Ties in entropy (many features have entropy 0) go to the larger mean top activation.
     """
     defined = torch.nonzero(stats.entropy_defined.cpu()).squeeze(1)
-    chosen: dict[str, int] = {}
-    if len(defined):
-        ent = stats.label_entropy.cpu()[defined].double()
-        act = stats.mean_top_activation.cpu()[defined].double()
-        scale = act.abs().max().clamp_min(1e-30)
-        low = defined[torch.argsort(ent - 1e-9 * act / scale)][:n].tolist()
-        high = defined[torch.argsort(-ent - 1e-9 * act / scale)][:n].tolist()
-        chosen |= {f"least entropic #{i + 1}: feature {f}": f for i, f in enumerate(low)}
-        chosen |= {f"most entropic #{i + 1}: feature {f}": f for i, f in enumerate(high)}
-    for f in named:
-        if not 0 <= f < stats.n_features:
-            raise ValueError(f"features=[...] contains {f}, outside 0..{stats.n_features - 1}")
-        chosen[f"feature {f}"] = f
+    by_act = defined[torch.argsort(-stats.mean_top_activation.cpu()[defined], stable=True)]
+    ent = stats.label_entropy.cpu()[by_act]
+    low = by_act[torch.argsort(ent, stable=True)][:n].tolist()
+    high = by_act[torch.argsort(-ent, stable=True)][:n].tolist()
+    chosen = {f"least entropic #{i + 1}: feature {f}": f for i, f in enumerate(low)}
+    chosen |= {f"most entropic #{i + 1}: feature {f}": f for i, f in enumerate(high)}
+    chosen |= {f"feature {f}": f for f in named}
     return chosen
 
 
@@ -236,10 +230,17 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(cfg.device)
     out = Path(cfg.out_dir).expanduser() if cfg.get("out_dir") else run / "eval"
     out.mkdir(parents=True, exist_ok=True)
+    for old in (out / "plots").glob("*.png"):  # grids of an earlier evaluation's features
+        old.unlink()
     (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
 
     sae = SparseAutoencoder.load(run / "sae", device=device).eval()
+    named = [int(f) for f in cfg.features]
+    if any(not 0 <= f < sae.d_sae for f in named):
+        raise ValueError(f"features={named}: feature ids must be in 0..{sae.d_sae - 1}")
     backbone = hydra.utils.instantiate(run_cfg.backbone, device=str(device))
+    if backbone.width != sae.d_in:
+        raise ValueError(f"the SAE's d_in {sae.d_in} != the backbone's width {backbone.width}")
     layer = backbone.resolve_layer(int(run_cfg.layer))
     tokens = str(run_cfg.tokens)
     if sae.metadata.get("layer") not in (None, layer) or sae.metadata.get("tokens") not in (None, tokens):
@@ -290,7 +291,7 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         "classnames": classnames, "top_image_activation": "max over the image's hooked tokens",
     })
     figures = make_figures(stats, extra["in_cluster"], plot_data)
-    chosen = grid_features(stats, cfg.n_grid_features, list(cfg.features))
+    chosen = grid_features(stats, cfg.n_grid_features, named)
     figures |= draw_grids(stats, result.keys, urls, chosen, classnames)
     paths = {name: plots.save_figure(fig, out / "plots" / f"{name}.png") for name, fig in figures.items()}
     if cfg.tensorboard:
@@ -317,9 +318,14 @@ def make_figures(stats: FeatureStats, in_cluster: torch.Tensor, plot_data: dict[
 
 
 def log_to_tensorboard(directory: Path, metrics: dict[str, Any], figures: dict[str, Any]) -> None:
-    """The numeric metrics as scalars and every figure, in an `eval` run beside the training logs."""
+    """The numeric metrics as scalars and every figure, in an `eval` run beside the training logs.
+
+    Event files of an earlier evaluation are removed first, so TensorBoard shows only the latest one.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
+    for old in directory.glob("events.out.tfevents.*"):
+        old.unlink()
     with SummaryWriter(str(directory)) as writer:
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):

@@ -1,0 +1,231 @@
+"""Planted features: synthetic activations with a known dictionary, to check that training recovers it.
+
+x = mean + scales * (sum_i a_i d_i): the d_i are random unit vectors (more of them than dimensions, so in
+superposition), feature i is active independently with a probability that decays geometrically with i
+(Sharkey et al.'s toy data: d = 256, 512 features, about 5 active), and its magnitude a_i ~ U(0, 1).
+A sample with no active feature gets one (drawn by frequency): x = 0 has no normalised mse.
+The default variant has mean 0 and unit scales; the "vit" variant adds what makes a ViT residual stream
+hard: a large shared mean and uneven per-dimension scales. The SAE sees x, so the direction it should find
+for feature i is scales * d_i normalised (the mean is absorbed by b_dec): that is `true_directions()`.
+
+`train_planted` trains through the real stack (SAETrainingModule, ActivationsDataModule, Lightning's
+Trainer) and scores the result: MMCS, fraction recovered, l0, explained variance, dead fraction. The SAE is
+exported with the generator, so `python -m sae_lightning.planted <dir>` recomputes the scores from disk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from sae_lightning.data.activations import ActivationsDataModule
+from sae_lightning.metrics import L0, ExplainedVariance, ExplainedVarianceUncentred
+from sae_lightning.module import SAETrainingModule
+from sae_lightning.sae import SparseAutoencoder
+
+VARIANTS = ("default", "vit")
+PLANTED_FILE = "planted.safetensors"
+SCORES_FILE = "scores.json"
+SAE_DIR = "sae"
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+@dataclass
+class PlantedFeatures:
+    """The generator: unit dictionary [K, d], firing probabilities [K], shared mean [d], scales [d]."""
+
+    dictionary: torch.Tensor
+    frequencies: torch.Tensor
+    mean: torch.Tensor
+    scales: torch.Tensor
+
+    @classmethod
+    def create(cls, d: int = 256, n_features: int = 512, active: float = 5.0, frequency_ratio: float = 0.1,
+               variant: str = "default", mean_norm: float = 10.0, scale_spread: float = 0.5,
+               seed: int = 0) -> "PlantedFeatures":
+        """Feature i fires with p_i = p_0 r^i, r^(K-1) = `frequency_ratio`, sum p_i = `active`.
+
+        "vit": mean = a random vector of norm `mean_norm` (about 7x a sample's feature part), scales =
+        exp(N(0, scale_spread^2)) per dimension.
+        """
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        g = torch.Generator().manual_seed(seed)
+        dictionary = _unit_rows(torch.randn(n_features, d, generator=g))
+        decay = torch.tensor(frequency_ratio, dtype=torch.float64) ** (torch.arange(n_features) / (n_features - 1))
+        frequencies = (active * decay / decay.sum()).clamp(max=1.0).float()
+        if variant == "vit":
+            mean = mean_norm * _unit_rows(torch.randn(d, generator=g))
+            scales = torch.exp(scale_spread * torch.randn(d, generator=g))
+        else:
+            mean, scales = torch.zeros(d), torch.ones(d)
+        return cls(dictionary, frequencies, mean, scales)
+
+    @property
+    def d(self) -> int:
+        return self.dictionary.shape[1]
+
+    def true_directions(self) -> torch.Tensor:
+        """[K, d] unit directions of the features in the space the SAE sees (scales applied)."""
+        return _unit_rows(self.dictionary * self.scales)
+
+    def sample(self, n: int, generator: torch.Generator | None = None, chunk: int = 8192) -> torch.Tensor:
+        """[n, d] activations, drawn in chunks so the [chunk, K] coefficients stay small."""
+        out = torch.empty(n, self.d)
+        for start in range(0, n, chunk):
+            rows = min(chunk, n - start)
+            fires = torch.rand(rows, len(self.frequencies), generator=generator) < self.frequencies
+            silent = ~fires.any(dim=1)  # x = mean would make the seed's normalised mse divide by zero
+            forced = torch.multinomial(self.frequencies, int(silent.sum()), replacement=True, generator=generator)
+            fires[silent.nonzero().squeeze(1), forced] = True
+            coefficients = fires * torch.rand(rows, len(self.frequencies), generator=generator)
+            out[start:start + rows] = self.mean + (coefficients @ self.dictionary) * self.scales
+        return out
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+        save_file({k: v.contiguous() for k, v in asdict(self).items()} | {"true_directions": self.true_directions()},
+                  str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PlantedFeatures":
+        tensors = load_file(str(path))
+        return cls(tensors["dictionary"], tensors["frequencies"], tensors["mean"], tensors["scales"])
+
+
+def max_cosines(true: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+    """[K]: for each true direction, the largest cosine with any learned row (W_dec [F, d])."""
+    return (_unit_rows(true.float()) @ _unit_rows(learned.float()).T).max(dim=1).values
+
+
+def mmcs(true: torch.Tensor, learned: torch.Tensor) -> float:
+    """Mean max cosine similarity: mean over true features of the best-matching learned row's cosine."""
+    return float(max_cosines(true, learned).mean())
+
+
+def recovered_fraction(true: torch.Tensor, learned: torch.Tensor, threshold: float = 0.9) -> float:
+    """Fraction of true features with some learned row at cosine > `threshold`."""
+    return float((max_cosines(true, learned) > threshold).float().mean())
+
+
+@torch.no_grad()
+def score(sae: SparseAutoencoder, planted: PlantedFeatures, x: torch.Tensor) -> dict[str, float]:
+    """Recovery (from W_dec) and reconstruction (on held-out `x`) scores."""
+    f = sae.encode(x)
+    x_hat = sae.decode(f)
+    ev, ev_u, l0 = ExplainedVariance(sae.d_in), ExplainedVarianceUncentred(), L0()
+    ev.update(x_hat, x)
+    ev_u.update(x_hat, x)
+    l0.update(f)
+    true = planted.true_directions()
+    return {
+        "mmcs": mmcs(true, sae.W_dec),
+        "recovered_0.9": recovered_fraction(true, sae.W_dec, 0.9),
+        "l0": float(l0.compute()),
+        "explained_variance": float(ev.compute()),
+        "explained_variance_uncentred": float(ev_u.compute()),
+        "dead_fraction": float(((f > 0).sum(0) == 0).float().mean()),
+    }
+
+
+@dataclass
+class PlantedRun:
+    """One planted-feature training run: the data, the SAE and the seed's training knobs."""
+
+    variant: str = "default"
+    d: int = 256
+    n_features: int = 512
+    active: float = 5.0
+    frequency_ratio: float = 0.1
+    n_train: int = 262_144
+    n_eval: int = 16_384
+    expansion: int = 4
+    l1_coefficient: float = 3e-4
+    mse: str = "normalised"
+    lr: float = 1e-3
+    lr_warmup_steps: int = 100
+    steps: int = 2000
+    sae_batch_size: int = 256
+    buffer_size: int = 4096
+    ghost_grads: bool = True
+    dead_feature_window: int = 64
+    b_dec_init: str = "geometric_median"
+    seed: int = 0
+
+    def generator(self) -> PlantedFeatures:
+        return PlantedFeatures.create(self.d, self.n_features, self.active, self.frequency_ratio, self.variant,
+                                      seed=self.seed)
+
+    def eval_data(self, planted: PlantedFeatures) -> torch.Tensor:
+        """Held-out activations: a stream seeded apart from the training data's."""
+        return planted.sample(self.n_eval, torch.Generator().manual_seed(self.seed + 2))
+
+
+def train_planted(run: PlantedRun, out_dir: str | Path | None = None,
+                  trainer_kwargs: dict | None = None) -> tuple[SparseAutoencoder, dict[str, float]]:
+    """Train an SAE on planted features through the real Lightning stack (CPU) and score it.
+
+    With `out_dir`, writes `sae/` (SAELens layout), `planted.safetensors` (the generator and its true
+    directions) and `scores.json`, so `score_exported(out_dir)` reproduces the scores independently.
+    """
+    planted = run.generator()
+    train_x = planted.sample(run.n_train, torch.Generator().manual_seed(run.seed + 1))
+    torch.manual_seed(run.seed)
+    sae = SparseAutoencoder(run.d, run.expansion * run.d, l1_coefficient=run.l1_coefficient, mse=run.mse,
+                            metadata={"dataset": f"planted:{run.variant}", **asdict(run)})
+    module = SAETrainingModule(sae, lr=run.lr, lr_warmup_steps=run.lr_warmup_steps, ghost_grads=run.ghost_grads,
+                               dead_feature_window=run.dead_feature_window, feature_sampling_window=run.steps,
+                               b_dec_init=run.b_dec_init)
+    datamodule = ActivationsDataModule(train_x, sae_batch_size=run.sae_batch_size, buffer_size=run.buffer_size,
+                                       seed=run.seed)
+    kwargs = {"accelerator": "cpu", "devices": 1, "max_steps": run.steps, "max_epochs": -1, "logger": False,
+              "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+              "num_sanity_val_steps": 0, "limit_val_batches": 0} | (trainer_kwargs or {})
+    L.Trainer(**kwargs).fit(module, datamodule=datamodule)
+    sae.eval()
+    scores = score(sae, planted, run.eval_data(planted))
+    if out_dir is not None:
+        out = Path(out_dir)
+        sae.save(out / SAE_DIR)
+        planted.save(out / PLANTED_FILE, metadata={"run": json.dumps(asdict(run))})
+        (out / SCORES_FILE).write_text(json.dumps(scores, indent=2))
+    return sae, scores
+
+
+def score_exported(directory: str | Path) -> dict[str, float]:
+    """Recompute the scores of a `train_planted` export from its files alone."""
+    directory = Path(directory)
+    with safe_open(str(directory / PLANTED_FILE), "pt") as handle:
+        run = PlantedRun(**json.loads(handle.metadata()["run"]))
+    planted = PlantedFeatures.load(directory / PLANTED_FILE)
+    return score(SparseAutoencoder.load(directory / SAE_DIR), planted, run.eval_data(planted))
+
+
+def planted_activations(n: int, save_to: str | Path | None = None, seed: int = 0, **generator_kwargs) -> torch.Tensor:
+    """[n, d] planted activations for a Hydra-built ActivationsDataModule; the generator is saved to `save_to`."""
+    planted = PlantedFeatures.create(seed=seed, **generator_kwargs)
+    if save_to is not None:
+        Path(save_to).parent.mkdir(parents=True, exist_ok=True)
+        planted.save(save_to, metadata={"generator": json.dumps({"seed": seed, **generator_kwargs})})
+    return planted.sample(n, torch.Generator().manual_seed(seed + 1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Recompute the planted-feature scores of an exported run.")
+    parser.add_argument("directory", help="a train_planted output directory (sae/ + planted.safetensors)")
+    args = parser.parse_args(argv)
+    print(json.dumps(score_exported(args.directory), indent=2))
+
+
+if __name__ == "__main__":
+    main()
+
