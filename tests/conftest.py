@@ -57,6 +57,9 @@ def demo_overrides(output_dir: Path, data_dir: Path, shards: tuple[str, str], ex
         "trainer.log_every_n_steps=5",
         "trainer.enable_progress_bar=false",
         "callbacks.model_checkpoint.every_n_train_steps=10",
+        "callbacks.contrastive.every_n_steps=10",
+        "callbacks.contrastive.n_images=64",
+        "callbacks.contrastive.batch_size=32",
         *extra,
     ]
 

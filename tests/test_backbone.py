@@ -221,8 +221,8 @@ def test_blocks_after_layer_never_run(backbone, images):
     try:
         for layer in layers_to_check(n):
             p = positive(layer, n)
-            for fn in (lambda: backbone.residual(images, layer),
-                       lambda: backbone.activations(images, layer, "cls")):
+            for fn in (lambda layer=layer: backbone.residual(images, layer),
+                       lambda layer=layer: backbone.activations(images, layer, "cls")):
                 calls[:] = [0] * n
                 fn()
                 assert calls == [1] * (p + 1) + [0] * (n - p - 1), (layer, calls)
@@ -280,9 +280,11 @@ def test_quick_gelu_flag_reaches_create_model(monkeypatch):
 
 
 def test_force_quick_gelu_builds_quick_gelu_mlp(tiny_path):
-    model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=True)
-    assert all(isinstance(blk.mlp.gelu, QuickGELU) for blk in model.visual.transformer.resblocks)
-    del model
+    # ViT-B-32's own config has plain GELU; build it on the meta device (no weights allocated, no download)
+    for force, expected in ((True, QuickGELU), (False, nn.GELU)):
+        with torch.device("meta"):
+            model = open_clip.create_model("ViT-B-32", pretrained=None, force_quick_gelu=force, device="meta")
+        assert all(type(blk.mlp.gelu) is expected for blk in model.visual.transformer.resblocks), force
     quick = load_backbone(TINY_MODEL_NAME, pretrained=str(tiny_path), quick_gelu=True)
     assert all(isinstance(blk.mlp.gelu, QuickGELU) for blk in quick.visual.transformer.resblocks)
     plain = load_backbone(TINY_MODEL_NAME, pretrained=str(tiny_path))

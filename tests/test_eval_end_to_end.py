@@ -12,7 +12,11 @@ import torch
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from sae_lightning.evaluation.run import evaluate_run
+from sae_lightning.backbone import load_tiny_backbone
+from sae_lightning.data.shards import image_batches
+from sae_lightning.data.synthetic import DEMO_CLASSNAMES
+from sae_lightning.evaluation.run import evaluate_run, stream_pass
+from sae_lightning.sae import SparseAutoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,18 +113,13 @@ def test_clear_errors_for_a_wrong_run(tmp_path):
 
 @pytest.mark.parametrize("tokens", ["patches", "all"])
 def test_stream_pass_chunking_does_not_change_results(tmp_path, tiny_shards, tokens):
-    from sae_lightning.backbone import load_tiny_backbone
-    from sae_lightning.data.shards import image_batches
-    from sae_lightning.data.synthetic import DEMO_CLASSNAMES
-    from sae_lightning.evaluation.run import stream_pass
-    from sae_lightning.sae import SparseAutoencoder
-
     backbone = load_tiny_backbone(tmp_path / "tiny.pt")
     torch.manual_seed(0)
     sae = SparseAutoencoder(backbone.width, 96)
     results = []
     for max_tokens in (40, 10_000):  # 2 images per chunk vs the whole batch at once
-        loader = image_batches(tiny_shards[1], backbone.preprocess, 8, shuffle=0, shardshuffle=False, partial=True)
+        loader = image_batches(tiny_shards[1], backbone.preprocess, 8, shuffle=0, shardshuffle=False,
+                               partial=True)
         results.append(stream_pass(backbone, sae, loader, layer=1, tokens=tokens, n_images=20, k=4,
                                     classnames=DEMO_CLASSNAMES, batch_size=8, max_tokens=max_tokens,
                                     device=torch.device("cpu")))

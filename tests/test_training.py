@@ -21,6 +21,7 @@ SCALAR_TAGS = [
     "metrics/mse", "metrics/mse_normalised",
     "features/dead_features", "features/ultra_rare_features", "features/dense_features",
     "features/ghost_grad_features", "lr", "progress/images_seen", "progress/activations_seen",
+    "contrastive/loss_original", "contrastive/loss_sae", "contrastive/loss_ablated", "contrastive/score",
 ]
 
 pytestmark = pytest.mark.slow
