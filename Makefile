@@ -16,7 +16,7 @@ install: $(STAMP)
 
 demo: $(STAMP)  ## train the demo SAE offline on CPU, then evaluate it
 	$(PY) train.py experiment=demo hydra.run.dir=outputs/demo
-	$(PY) evaluate.py run=outputs/demo
+	$(PY) evaluate.py run=outputs/demo num_workers=2
 
 test: $(STAMP)  ## the whole suite, end-to-end runs included
 	$(PY) -m pytest -q

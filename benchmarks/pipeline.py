@@ -1,0 +1,137 @@
+"""Pipeline throughput: image shards through ImageActivationDataModule against the bare backbone forward.
+
+For each model, in one process and on the same batches: the bare forward to `layer` on already-decoded
+tensors, a full forward (`encode_image`, what a naive hook on the whole model costs), decode + preprocess
+alone per DataLoader worker count, and the whole DataModule path (decode, preprocess, backbone to `layer`,
+token selection, shuffle buffer) per worker count.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import Section, table
+from benchmarks.timing import Mark
+from sae_lightning.backbone import Backbone, load_backbone, load_tiny_backbone
+from sae_lightning.data.datamodule import ImageActivationDataModule
+from sae_lightning.data.shards import image_loader
+from sae_lightning.data.synthetic import write_demo_shards
+
+WORKERS = (0, 1, 2)
+
+
+@dataclass
+class PipelineCase:
+    """A model, the shards it reads and the batch it is timed at."""
+
+    label: str
+    image_size: int  # of the generated JPEGs; the model's preprocess resizes them
+    n_images: int
+    batch: int
+    forward_batches: int
+    layer: int = -2
+
+    def backbone(self, work: Path) -> Backbone:
+        if self.label == "tiny":
+            return load_tiny_backbone(work / "sae-tiny-vit.pt")
+        return load_backbone(self.label, pretrained=None)  # random init: no download
+
+
+FULL = [PipelineCase("tiny", 64, 512, 64, 8), PipelineCase("ViT-B-32", 224, 96, 16, 3)]
+QUICK = [PipelineCase("tiny", 64, 128, 32, 2), PipelineCase("ViT-B-32", 224, 16, 4, 1)]
+
+
+def rate_after_first(image_counts: Iterable[int]) -> tuple[float, int]:
+    """(images per second, images timed) over an iterator of per-batch image counts, after its first batch."""
+    iterator = iter(image_counts)
+    next(iterator)
+    start = Mark.now()
+    count = sum(iterator)
+    return start.rates(count)[0], count
+
+
+def forward_rate(fn, images: torch.Tensor, repeats: int) -> float:
+    """Images per second of `fn(images)` over `repeats` calls after one warm-up call."""
+    fn(images)
+    start = Mark.now()
+    for _ in range(repeats):
+        fn(images)
+    return start.rates(repeats * len(images))[0]
+
+
+def datamodule_batches(backbone: Backbone, shards: list[str], case: PipelineCase, workers: int) -> Iterator[int]:
+    """Yield the number of images behind each SAE batch the DataModule serves, running its hooks as Lightning does."""
+    dm = ImageActivationDataModule(backbone, shards, classnames=None, layer=case.layer, tokens="cls",
+                                   sae_batch_size=case.batch, buffer_size=case.batch, num_workers=workers,
+                                   shuffle=0, shardshuffle=False, pin_memory=False)
+    for batch in dm.train_dataloader():
+        batch = dm.on_before_batch_transfer(batch, 0)
+        n_images = len(batch["images"])
+        dm.on_after_batch_transfer(batch, 0)
+        yield n_images
+
+
+def measure(case: PipelineCase, work: Path) -> tuple[list, list, list]:
+    """(forward row, decode rows, pipeline rows) for one model."""
+    backbone = case.backbone(work)
+    shards = write_demo_shards(work / case.label, case.n_images, image_size=case.image_size,
+                               shard_size=case.n_images // 4)
+    decode_rows = []
+    for workers in WORKERS:
+        loader = image_loader(shards, backbone.preprocess, case.batch, num_workers=workers, shuffle=0,
+                              shardshuffle=False)
+        rate, count = rate_after_first(len(batch["images"]) for batch in loader)
+        decode_rows.append([case.label, f"{case.image_size} px JPEG -> {backbone.image_size} px", workers,
+                            count, f"{rate:,.0f}", f"{rate / max(workers, 1):,.0f}"])
+    images = next(iter(image_loader(shards, backbone.preprocess, case.batch, num_workers=0)))["images"]
+    layer = backbone.resolve_layer(case.layer)
+    truncated = forward_rate(lambda x: backbone.activations(x, layer, "cls"), images, case.forward_batches)
+    full = forward_rate(backbone.encode_image, images, case.forward_batches)
+    forward_row = [case.label, backbone.n_layers, layer, case.batch, f"{truncated:,.1f}", f"{full:,.1f}",
+                   f"{truncated / full:.2f}x", f"{backbone.n_layers / (layer + 1):.2f}x"]
+    pipeline_rows = []
+    for workers in WORKERS:
+        rate, count = rate_after_first(datamodule_batches(backbone, shards, case, workers))
+        pipeline_rows.append([case.label, workers, case.batch, count, f"{rate:,.1f}", f"{truncated:,.1f}",
+                              f"{100 * rate / truncated:.0f}%"])
+    return forward_row, decode_rows, pipeline_rows
+
+
+def run(quick: bool = False) -> Section:
+    forward_rows, decode_rows, pipeline_rows = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in QUICK if quick else FULL:
+            forward_row, decode, pipeline = measure(case, Path(tmp))
+            forward_rows.append(forward_row)
+            decode_rows += decode
+            pipeline_rows += pipeline
+    body = f"""
+Models: `tiny` is the demo's random 4-block, width-64 open_clip ViT at 32 px; `ViT-B-32` is open_clip's
+ViT-B-32 built without pretrained weights (12 blocks, width 768, 224 px). Shards are generated demo images
+(`write_demo_shards`, JPEG). Hook point `layer=-2`, class token. CPU, fp32, torch threads as listed above;
+DataLoader workers are extra processes on the same cores. Rates skip the first batch (worker start-up).
+
+**Pipeline vs bare forward.** Images/s out of `ImageActivationDataModule` (DataLoader workers decode and
+preprocess, then `on_before_batch_transfer` / `on_after_batch_transfer` run the backbone to `layer`, select
+the token and push through the shuffle buffer), against the bare truncated forward on an already-decoded
+batch of the same size, same model, same run.
+
+{table(["model", "workers", "batch", "images timed", "pipeline images/s", "bare forward images/s",
+        "pipeline / bare"], pipeline_rows)}
+
+**Decode + preprocess alone** (`image_loader`, the DataModule's loader, no backbone).
+
+{table(["model", "images", "workers", "images timed", "images/s", "images/s per worker"], decode_rows)}
+
+**Truncation at `layer` vs a full forward** (`Backbone.activations` runs blocks 0..layer; `encode_image`
+runs every block, the pooling and the projection), same decoded batch.
+
+{table(["model", "blocks", "layer", "batch", "to layer images/s", "full forward images/s", "speed-up",
+        "blocks ratio"], forward_rows)}
+"""
+    return Section("Pipeline throughput: shards -> activations", body)
