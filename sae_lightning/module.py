@@ -61,6 +61,8 @@ class SAETrainingModule(LightningModule):
             centre = F_sae.geometric_median(activations.float())
         else:
             centre = activations.float().mean(0)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            centre = self.trainer.strategy.broadcast(centre, src=0)  # every rank starts from rank 0's b_dec
         self.sae.b_dec.copy_(centre.to(self.sae.b_dec.dtype))
         self.b_dec_initialised.fill_(True)
         log.info("Initialised b_dec (%s) from %d activations.", self.hparams.b_dec_init, activations.shape[0])
@@ -96,9 +98,13 @@ class SAETrainingModule(LightningModule):
         scheduler.step()
 
         with torch.no_grad():
+            n_inputs = x.shape[0]
             fire_counts = (out.feature_acts > 0).sum(0)
+            if self.trainer.world_size > 1:  # the same dead features (ghost grads) on every rank
+                fire_counts = self.trainer.strategy.reduce(fire_counts, reduce_op="sum")
+                n_inputs = x.shape[0] * self.trainer.world_size
             self.steps_since_fired.add_(1).masked_fill_(fire_counts > 0, 0)
-            self.window_density.update(fire_counts, x.shape[0])
+            self.window_density.update(fire_counts, n_inputs)
         if self.global_step % self.hparams.feature_sampling_window == 0:
             self.close_density_window()
         if self.global_step % self.trainer.log_every_n_steps == 0:

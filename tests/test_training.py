@@ -105,3 +105,28 @@ def test_multirun_gives_one_run_directory_per_job(tmp_path, data_dir, tiny_shard
         sae = SparseAutoencoder.load(tmp_path / job / "sae")
         assert sae.d_sae == expansion * sae.d_in
         assert (tmp_path / job / "tensorboard").is_dir()
+
+
+def test_ddp_on_cpu_trains_and_exports(tmp_path, data_dir, tiny_shards):
+    """Two CPU processes with gloo: shards split across ranks, b_dec broadcast, fire counts all-reduced."""
+    overrides = [o for o in demo_overrides(tmp_path, data_dir, tiny_shards)
+                 if not o.startswith(("paths.output_dir", "training_images"))]
+    result = run_train_cli([*overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                            "training_images=640", f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 10
+    SparseAutoencoder.load(tmp_path / "sae")
+
+
+def test_all_tokens_run_serves_exact_sae_batches(tmp_path, data_dir, tiny_shards):
+    """tokens=all: 17 tokens per image, ceil(64/17) = 4 images per step, the surplus dropped in the buffer."""
+    from sae_lightning.training import train
+
+    cfg = compose_config(demo_overrides(tmp_path, data_dir, tiny_shards, ["tokens=all", "max_steps=8"]))
+    train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 8
+    state = ckpt["ImageActivationDataModule"]
+    assert state["activations_seen"] == 17 * state["images_seen"]
+    assert SparseAutoencoder.load(tmp_path / "sae").metadata["tokens_per_image"] == 17

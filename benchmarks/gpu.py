@@ -1,0 +1,174 @@
+"""GPU: ViT-L/14 images/s to layer 22 (fp32, bf16), the seed configuration's steps/s, against the floor.
+
+The floor is the time the matrix multiplies alone would take at the matrix rate measured on the same GPU:
+148.5 GFLOP per image for ViT-L/14's first 22 blocks at 224 px, plus 805 MFLOP per token for the 64x SAE
+step (FIELD.md). Models are built without pretrained weights (same shapes and cost, no download). Runs
+only with `--gpu` on a machine where CUDA is available; otherwise the section says what it would measure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from benchmarks.report import Section, table
+from benchmarks.timing import StepClock
+from sae_lightning.backbone import Backbone, load_backbone
+from sae_lightning.callbacks import DensityHistogramCallback
+from sae_lightning.data.datamodule import ImageActivationDataModule
+from sae_lightning.data.synthetic import write_demo_shards
+from sae_lightning.module import SAETrainingModule
+from sae_lightning.sae import SparseAutoencoder
+
+GFLOP_PER_IMAGE = 148.5  # ViT-L/14, 224 px, blocks 0..21
+SAE_MFLOP_PER_TOKEN = 805.0  # d=1024, 64x, forward + backward
+COMMAND = "python -m benchmarks.run --gpu --only gpu --out BENCHMARKS-gpu.md"
+
+
+@dataclass
+class GpuPlan:
+    """What is measured and how long: the model, hook point, batches and step counts."""
+
+    model: str = "ViT-L-14"
+    layer: int = 22
+    forward_batch: int = 256
+    forward_repeats: int = 10
+    sae_batch: int = 1024  # the seed's
+    buffer_size: int = 15360  # the seed's
+    expansion: int = 64  # the seed's
+    shard_images: int = 2048  # generated 224 px JPEGs, repeated epoch after epoch
+    steps: int = 10
+    warmup: int = 2
+    matmul_size: int = 8192
+
+
+FULL = GpuPlan()
+QUICK = GpuPlan(forward_batch=64, forward_repeats=3, shard_images=512, buffer_size=4096, steps=3, warmup=1)
+
+
+def timed(fn, repeats: int) -> float:
+    """Seconds per call of `fn` on the GPU (CUDA events), after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1000 / repeats
+
+
+def matmul_tflops(dtype: torch.dtype, n: int, tf32: bool = False) -> float:
+    """Dense [n, n] @ [n, n] rate in TFLOP/s; fp32 without TF32 unless asked."""
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
+    seconds = timed(lambda: a @ b, 20)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return 2 * n**3 / seconds / 1e12
+
+
+def forward_images_per_second(backbone: Backbone, plan: GpuPlan, dtype: torch.dtype | None, full: bool) -> float:
+    """Images/s of the forward to `layer` (or the whole model) on random 224 px images."""
+    images = torch.randn(plan.forward_batch, 3, backbone.image_size, backbone.image_size, device="cuda")
+    ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else contextlib.nullcontext
+
+    def forward() -> None:
+        with ctx():
+            backbone.encode_image(images) if full else backbone.activations(images, plan.layer, "cls")
+
+    return plan.forward_batch / timed(forward, plan.forward_repeats)
+
+
+def seed_steps_per_second(backbone: Backbone, plan: GpuPlan, autocast: str, shards: list[str],
+                          work: Path) -> float:
+    """End-to-end SAE steps/s of the seed configuration: shards -> workers -> backbone -> buffer -> SAE."""
+    datamodule = ImageActivationDataModule(backbone, shards, classnames=None, layer=plan.layer, tokens="cls",
+                                           sae_batch_size=plan.sae_batch, buffer_size=plan.buffer_size,
+                                           num_workers=min(8, os.cpu_count() or 1), shuffle=1000,
+                                           autocast=autocast, pin_memory=True)
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(backbone.width, plan.expansion * backbone.width, l1_coefficient=8e-5)
+    clock = StepClock()
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=plan.warmup + plan.steps, max_epochs=-1,
+                        logger=TensorBoardLogger(work, name="seed"), log_every_n_steps=10,
+                        callbacks=[DensityHistogramCallback(), clock], enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    with contextlib.redirect_stderr(io.StringIO()):
+        trainer.fit(SAETrainingModule(sae), datamodule=datamodule)
+    return clock.step_rates(plan.warmup)[0]
+
+
+def measured(plan: GpuPlan) -> str:
+    torch.set_float32_matmul_precision("highest")
+    rates = {"fp32": matmul_tflops(torch.float32, plan.matmul_size),
+             "tf32": matmul_tflops(torch.float32, plan.matmul_size, tf32=True),
+             "bf16": matmul_tflops(torch.bfloat16, plan.matmul_size)}
+    backbone = load_backbone(plan.model, pretrained=None, quick_gelu=True, device="cuda")
+    forward_rows = []
+    for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        to_layer = forward_images_per_second(backbone, plan, dtype, full=False)
+        full = forward_images_per_second(backbone, plan, dtype, full=True)
+        floor = rates[label] * 1e12 / (GFLOP_PER_IMAGE * 1e9)
+        forward_rows.append([label, plan.forward_batch, f"{to_layer:,.0f}", f"{full:,.0f}", f"{floor:,.0f}",
+                             f"{100 * to_layer / floor:.0f}%"])
+    step_rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = write_demo_shards(tmp, plan.shard_images, image_size=backbone.image_size,
+                                   shard_size=max(1, plan.shard_images // 16))
+        for autocast, label in (("32", "fp32"), ("bf16", "bf16")):
+            steps = seed_steps_per_second(backbone, plan, autocast, shards, Path(tmp))
+            floor_s = plan.sae_batch * (GFLOP_PER_IMAGE * 1e9 / (rates[label] * 1e12)
+                                        + SAE_MFLOP_PER_TOKEN * 1e6 / (rates["fp32"] * 1e12))
+            step_rows.append([label, plan.sae_batch, plan.expansion, f"{steps:.3f}", f"{steps * plan.sae_batch:,.0f}",
+                              f"{1 / floor_s:.3f}", f"{100 * steps * floor_s:.0f}%"])
+    return f"""
+Matrix rate ([{plan.matmul_size}]^2 matmuls): fp32 {rates['fp32']:.1f}, TF32 {rates['tf32']:.1f}, bf16
+{rates['bf16']:.1f} TFLOP/s. Floors use fp32 (TF32 off, the default `matmul_precision: highest`) or bf16.
+
+**{plan.model} forward, random 224 px images** (to layer {plan.layer} vs the whole model; floor = rate /
+{GFLOP_PER_IMAGE} GFLOP):
+
+{table(["precision", "batch", "to layer images/s", "full images/s", "floor images/s", "of floor"], forward_rows)}
+
+**Seed configuration end to end** (generated 224 px shards, {min(8, os.cpu_count() or 1)} workers, class
+token, buffer {plan.buffer_size}, SAE {plan.expansion}x fp32, Adam, ghost grads, logging every 10 steps;
+{plan.steps} steps timed after {plan.warmup}; backbone precision = `data.autocast`):
+
+{table(["backbone", "batch", "expansion", "steps/s", "images/s", "floor steps/s", "of floor"], step_rows)}
+"""
+
+
+def not_measured() -> str:
+    return f"""
+No GPU was available to this run, so nothing here was measured. On a CUDA machine,
+
+    {COMMAND}
+
+measures, with ViT-L/14 built without pretrained weights (same cost as the OpenAI weights, no download):
+
+- the matrix rate of this GPU: [8192]^2 matmuls in fp32 (TF32 off), TF32 and bf16, TFLOP/s;
+- ViT-L/14 images/s to layer 22 (class token) in fp32 and bf16 autocast at batch 256, and a full forward
+  for comparison, each against the floor = matrix rate / 148.5 GFLOP per image (22 blocks at 224 px);
+- the seed configuration's end-to-end steps/s (generated 224 px JPEG shards, 8 DataLoader workers,
+  `ImageActivationDataModule` with buffer 15,360, SAE 1024 x 65,536 at batch 1,024 under Lightning with the
+  density-histogram callback and TensorBoard logging), with the backbone in fp32 and in bf16, against the
+  floor = 1,024 x (148.5 GFLOP / backbone rate + 805 MFLOP / fp32 rate) per step.
+
+`--quick` shrinks the batches and step counts. Add the figures here, with the GPU model, when measured.
+"""
+
+
+def run(quick: bool = False, measure: bool = False) -> Section:
+    if measure and torch.cuda.is_available():
+        return Section(f"GPU ({torch.cuda.get_device_name(0)})", measured(QUICK if quick else FULL))
+    return Section("GPU (not measured)", not_measured())

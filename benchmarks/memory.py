@@ -1,0 +1,105 @@
+"""Memory: peak resident memory of a streaming training run (`train.py experiment=demo`) at two dataset sizes.
+
+Each run is a fresh subprocess. Two readings: the training process's own peak (`ru_maxrss` from
+`wait4`, i.e. the largest single process of its tree) and the peak of the summed RSS of the whole process
+tree (the trainer plus its DataLoader workers, sampled from /proc every 50 ms; shared pages are counted
+once per process, so this over-counts). Neither may grow with the number of images streamed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.report import ROOT, Section, table
+from sae_lightning.data.synthetic import write_demo_shards
+
+SHARD_SIZE, REAL_SHARDS, BATCH, FILL_BATCHES = 256, 8, 256, 8  # experiment=demo: batch 256, buffer 2048
+FULL, QUICK = (1, 4), (1, 2)  # dataset sizes, in copies of the REAL_SHARDS x SHARD_SIZE generated images
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tree_rss_kib(pid: int) -> int:
+    """Summed RSS of `pid` and all its descendants."""
+    total, stack = 0, [pid]
+    while stack:
+        current = stack.pop()
+        total += _rss_kib(current)
+        stack += _children(current)
+    return total
+
+
+def streaming_run(shards: str, n_images: int, work: Path) -> dict[str, float]:
+    """Train the demo config on `shards` for one pass of `n_images`; peak memory and wall time."""
+    cmd = [sys.executable, "train.py", "experiment=demo", f"paths.data_dir={work}",
+           f"hydra.run.dir={work / f'run-{n_images}'}", f"data.train_shards='{shards}'", "data.val_shards=null",
+           f"max_steps={n_images // BATCH}", "trainer.enable_progress_bar=false"]
+    log_path = work / f"run-{n_images}.log"
+    start, peak_tree = time.perf_counter(), 0
+    with open(log_path, "wb") as log:
+        # Popen only starts it (in the repository, output to the log); wait4 reaps it and reports ru_maxrss.
+        pid = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).pid
+        while True:
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                break
+            peak_tree = max(peak_tree, tree_rss_kib(pid))
+            time.sleep(0.05)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"streaming run failed; see {log_path}:\n{log_path.read_text()[-3000:]}")
+    return {"main_mib": usage.ru_maxrss / 1024, "tree_mib": peak_tree / 1024, "wall_s": time.perf_counter() - start}
+
+
+def run(quick: bool = False) -> Section:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        real = write_demo_shards(work / "shards", REAL_SHARDS * SHARD_SIZE, image_size=32, shard_size=SHARD_SIZE)
+        for copies in QUICK if quick else FULL:
+            dataset = work / f"dataset-x{copies}"
+            dataset.mkdir()
+            for i in range(copies * REAL_SHARDS):
+                (dataset / f"train-{i:06d}.tar").symlink_to(real[i % REAL_SHARDS])
+            n_images = copies * REAL_SHARDS * SHARD_SIZE
+            result = streaming_run(str(dataset / "train-*.tar"), n_images, work)
+            streamed = (n_images // BATCH + FILL_BATCHES) * BATCH
+            rows.append([f"{n_images:,}", f"{streamed:,}", n_images // BATCH, f"{result['main_mib']:,.0f}",
+                         f"{result['tree_mib']:,.0f}", f"{result['wall_s']:.0f}"])
+    body = f"""
+`python train.py experiment=demo` (tiny backbone, generated 32 px JPEG shards, 2 DataLoader workers, SAE
+batch 256, shuffle buffer 2,048, TensorBoard, checkpoints, SAE export) in a fresh subprocess per dataset
+size, for one pass over the dataset ({BATCH} images per step, after {FILL_BATCHES} batches fill the buffer).
+The larger dataset is {REAL_SHARDS * SHARD_SIZE:,} generated images in {REAL_SHARDS} shards, linked under
+new shard names until it has the size shown, so only the number of images differs. "trainer peak" is
+`ru_maxrss` of the training process (from `wait4`); "tree peak" is the largest summed RSS of the trainer and
+its workers seen every 50 ms (shared pages counted in every process).
+
+{table(["dataset images", "images streamed", "steps", "trainer peak RSS (MiB)", "tree peak RSS (MiB)",
+        "wall (s)"], rows)}
+"""
+    return Section("Memory: peak RSS of a streaming run", body)

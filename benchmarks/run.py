@@ -1,0 +1,63 @@
+"""`python -m benchmarks.run`: run the benchmarks and write BENCHMARKS.md (what `make bench` does).
+
+    python -m benchmarks.run                 # every CPU benchmark, a few minutes on 2 cores
+    python -m benchmarks.run --quick         # smaller sizes: a smoke run
+    python -m benchmarks.run --only planted,memory
+    python -m benchmarks.run --gpu --only gpu --out BENCHMARKS-gpu.md   # on a CUDA machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from benchmarks import gpu, memory, pipeline, planted_recovery, sae_step
+from benchmarks.report import ROOT, Section, machine, render
+
+CPU_PARTS = {"planted": planted_recovery.run, "sae_step": sae_step.run, "pipeline": pipeline.run,
+             "memory": memory.run}
+PARTS = [*CPU_PARTS, "gpu"]
+
+
+def quiet() -> None:
+    """Keep the console to the benchmark's own progress lines (Lightning's banners, expected warnings)."""
+    for name in ("lightning.pytorch", "lightning.fabric", "sae_lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+
+def run_part(name: str, quick: bool, gpu_requested: bool) -> Section:
+    start = time.perf_counter()
+    print(f"[bench] {name} ...", flush=True)
+    section = gpu.run(quick, measure=gpu_requested) if name == "gpu" else CPU_PARTS[name](quick)
+    elapsed = time.perf_counter() - start
+    print(f"[bench] {name} done in {elapsed:.0f} s", flush=True)
+    section.body += f"\n\n_This part took {elapsed:.0f} s._"
+    return section
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the sae_lightning benchmarks and write BENCHMARKS.md.")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes and fewer steps (a smoke run)")
+    parser.add_argument("--gpu", action="store_true", help="measure the GPU section (needs CUDA)")
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of {PARTS}")
+    parser.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"), help="where to write the report")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.only.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"unknown part(s) {unknown}; choose from {PARTS}")
+    quiet()
+    start = time.perf_counter()
+    sections = [run_part(name, args.quick, args.gpu) for name in parts]
+    command = " ".join(["python -m benchmarks.run", *(argv if argv is not None else sys.argv[1:])])
+    Path(args.out).write_text(render(sections, machine(), command, time.perf_counter() - start))
+    print(f"[bench] wrote {args.out}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
