@@ -60,7 +60,7 @@ class ExportSAECallback(Callback):
     def _export(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Once per step (a step can save several checkpoints, e.g. step_*.ckpt and last.ckpt)."""
         if trainer.is_global_zero and self._exported_step != trainer.global_step:
-            pl_module.sae.save(self.directory)
+            pl_module.export_sae(self.directory)
             self._exported_step = trainer.global_step
             log.info("Exported the SAE at step %d to %s", trainer.global_step, self.directory)
 

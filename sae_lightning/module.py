@@ -21,6 +21,7 @@ from sae_lightning.sae import functional as F_sae
 log = logging.getLogger(__name__)
 
 B_DEC_INITS = ("geometric_median", "mean", "none")
+NORMALISATIONS = ("none", "expected_average_only_in")
 
 
 def linear_warmup(warmup_steps: int):
@@ -34,15 +35,18 @@ class SAETrainingModule(LightningModule):
     def __init__(self, sae: SparseAutoencoder, lr: float = 4e-4, lr_warmup_steps: int = 500,
                  adam_betas: tuple[float, float] = (0.9, 0.999), ghost_grads: bool = True,
                  dead_feature_window: int = 64, feature_sampling_window: int = 500,
-                 b_dec_init: str = "geometric_median"):
+                 b_dec_init: str = "geometric_median", normalize_activations: str = "none"):
         super().__init__()
         if b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {b_dec_init!r}")
+        if normalize_activations not in NORMALISATIONS:
+            raise ValueError(f"normalize_activations must be one of {NORMALISATIONS}, got {normalize_activations!r}")
         self.save_hyperparameters(ignore=["sae"])
         self.automatic_optimization = False
         self.sae = sae
         self.register_buffer("steps_since_fired", torch.zeros(sae.d_sae, dtype=torch.long))
-        self.register_buffer("b_dec_initialised", torch.tensor(b_dec_init == "none"))
+        self.register_buffer("first_buffer_seen", torch.tensor(False))
+        self.register_buffer("activation_scale", torch.ones(()))
         self.explained_variance = ExplainedVariance(sae.d_in)
         self.explained_variance_uncentred = ExplainedVarianceUncentred()
         self.l0 = L0()
@@ -54,6 +58,25 @@ class SAETrainingModule(LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(self.hparams.lr_warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _from_rank_zero(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Under DDP every rank must start from the same statistics: rank 0's."""
+        if self._trainer is not None and self.trainer.world_size > 1:
+            return self.trainer.strategy.broadcast(tensor, src=0)
+        return tensor
+
+    @torch.no_grad()
+    def on_first_buffer(self, activations: torch.Tensor) -> None:
+        """Statistics of the first shuffle buffer: the activation scale, then b_dec (in the scaled space)."""
+        activations = activations.float()
+        if self.hparams.normalize_activations == "expected_average_only_in":
+            scale = activations.shape[-1] ** 0.5 / activations.norm(dim=-1).mean()
+            self.activation_scale.copy_(self._from_rank_zero(scale))
+            log.info("Scaling activations by %.4g so their mean norm is sqrt(d).", float(self.activation_scale))
+            activations = activations * self.activation_scale
+        if self.hparams.b_dec_init != "none":
+            self.initialise_b_dec(activations)
+        self.first_buffer_seen.fill_(True)
+
     @torch.no_grad()
     def initialise_b_dec(self, activations: torch.Tensor) -> None:
         """b_dec <- geometric median (or mean) of the first buffer of activations."""
@@ -61,10 +84,7 @@ class SAETrainingModule(LightningModule):
             centre = F_sae.geometric_median(activations.float())
         else:
             centre = activations.float().mean(0)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            centre = self.trainer.strategy.broadcast(centre, src=0)  # every rank starts from rank 0's b_dec
-        self.sae.b_dec.copy_(centre.to(self.sae.b_dec.dtype))
-        self.b_dec_initialised.fill_(True)
+        self.sae.b_dec.copy_(self._from_rank_zero(centre).to(self.sae.b_dec.dtype))
         log.info("Initialised b_dec (%s) from %d activations.", self.hparams.b_dec_init, activations.shape[0])
 
     def dead_mask(self) -> torch.Tensor | None:
@@ -77,8 +97,10 @@ class SAETrainingModule(LightningModule):
         x = batch["activations"]
         if x.shape[0] == 0:
             return None  # the shuffle buffer is still filling
-        if not self.b_dec_initialised:
-            self.initialise_b_dec(batch.get("init_activations", x))
+        if not self.first_buffer_seen:
+            self.on_first_buffer(batch.get("init_activations", x))
+        if self.hparams.normalize_activations != "none":
+            x = x * self.activation_scale
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
 
@@ -110,6 +132,26 @@ class SAETrainingModule(LightningModule):
         if self.global_step % self.trainer.log_every_n_steps == 0:
             self.log_step(x, out)
         return out.total.detach()
+
+    def export_sae(self, directory) -> None:
+        """Save the SAE for raw (unscaled) activations: a training-time scale s is folded into the weights.
+
+        The SAE trained on s*x computes f = ReLU((s x - b) W_enc + b_enc) and x_hat = (f W_dec + b)/s, which is
+        exactly the standard SAE with W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b / s on x.
+        """
+        scale = float(self.activation_scale)
+        if scale == 1.0:
+            self.sae.save(directory)
+            return
+        folded = SparseAutoencoder(self.sae.d_in, self.sae.d_sae, l1_coefficient=self.sae.l1_coefficient,
+                                   mse=self.sae.mse_kind, metadata={**self.sae.metadata, "activation_scale": scale,
+                                   "normalize_activations_during_training": self.hparams.normalize_activations})
+        with torch.no_grad():
+            folded.W_enc.copy_(self.sae.W_enc * scale)
+            folded.W_dec.copy_(self.sae.W_dec / scale)
+            folded.b_enc.copy_(self.sae.b_enc)
+            folded.b_dec.copy_(self.sae.b_dec / scale)
+        folded.save(directory)
 
     def close_density_window(self) -> None:
         """Log dead/ultra-rare/dense counts over the window; the histogram callback draws `density_ready`."""

@@ -79,17 +79,24 @@ class PlantedFeatures:
         """[K, d] unit directions of the features in the space the SAE sees (scales applied)."""
         return _unit_rows(self.dictionary * self.scales)
 
+    def coefficients(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """[n, K] non-negative feature magnitudes: a_i ~ U(0, 1) where feature i fires, else 0."""
+        fires = torch.rand(n, len(self.frequencies), generator=generator) < self.frequencies
+        silent = ~fires.any(dim=1)  # x = mean would make the seed's normalised mse divide by zero
+        forced = torch.multinomial(self.frequencies, int(silent.sum()), replacement=True, generator=generator)
+        fires[silent.nonzero().squeeze(1), forced] = True
+        return fires * torch.rand(n, len(self.frequencies), generator=generator)
+
+    def embed(self, coefficients: torch.Tensor) -> torch.Tensor:
+        """[n, K] magnitudes -> [n, d] activations: mean + scales * (coefficients @ dictionary)."""
+        return self.mean + (coefficients @ self.dictionary) * self.scales
+
     def sample(self, n: int, generator: torch.Generator | None = None, chunk: int = 8192) -> torch.Tensor:
-        """[n, d] activations, drawn in chunks so the [chunk, K] coefficients stay small."""
+        """[n, d] activations, drawn in chunks so the [chunk, K] magnitudes stay small."""
         out = torch.empty(n, self.d)
         for start in range(0, n, chunk):
             rows = min(chunk, n - start)
-            fires = torch.rand(rows, len(self.frequencies), generator=generator) < self.frequencies
-            silent = ~fires.any(dim=1)  # x = mean would make the seed's normalised mse divide by zero
-            forced = torch.multinomial(self.frequencies, int(silent.sum()), replacement=True, generator=generator)
-            fires[silent.nonzero().squeeze(1), forced] = True
-            coefficients = fires * torch.rand(rows, len(self.frequencies), generator=generator)
-            out[start:start + rows] = self.mean + (coefficients @ self.dictionary) * self.scales
+            out[start:start + rows] = self.embed(self.coefficients(rows, generator))
         return out
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -100,6 +107,16 @@ class PlantedFeatures:
     def load(cls, path: str | Path) -> "PlantedFeatures":
         tensors = load_file(str(path))
         return cls(tensors["dictionary"], tensors["frequencies"], tensors["mean"], tensors["scales"])
+
+
+def eval_metadata(seed: int, n_eval: int = 16_384) -> dict[str, str]:
+    """Where the held-out data comes from: the generator's seed + 2 (training data uses seed + 1)."""
+    return {"eval_seed": str(seed + 2), "n_eval": str(n_eval)}
+
+
+def eval_data(planted: PlantedFeatures, metadata: dict[str, str]) -> torch.Tensor:
+    """The held-out activations described by `eval_metadata`."""
+    return planted.sample(int(metadata["n_eval"]), torch.Generator().manual_seed(int(metadata["eval_seed"])))
 
 
 def max_cosines(true: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
@@ -165,9 +182,6 @@ class PlantedRun:
         return PlantedFeatures.create(self.d, self.n_features, self.active, self.frequency_ratio, self.variant,
                                       seed=self.seed)
 
-    def eval_data(self, planted: PlantedFeatures) -> torch.Tensor:
-        """Held-out activations: a stream seeded apart from the training data's."""
-        return planted.sample(self.n_eval, torch.Generator().manual_seed(self.seed + 2))
 
 
 def train_planted(run: PlantedRun, out_dir: str | Path | None = None,
@@ -191,23 +205,23 @@ def train_planted(run: PlantedRun, out_dir: str | Path | None = None,
               "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
               "num_sanity_val_steps": 0, "limit_val_batches": 0} | (trainer_kwargs or {})
     L.Trainer(**kwargs).fit(module, datamodule=datamodule)
-    sae.eval()
-    scores = score(sae, planted, run.eval_data(planted))
+    held_out = eval_metadata(run.seed, run.n_eval)
+    scores = score(sae, planted, eval_data(planted, held_out))
     if out_dir is not None:
         out = Path(out_dir)
         sae.save(out / SAE_DIR)
-        planted.save(out / PLANTED_FILE, metadata={"run": json.dumps(asdict(run))})
+        planted.save(out / PLANTED_FILE, metadata={"run": json.dumps(asdict(run)), **held_out})
         (out / SCORES_FILE).write_text(json.dumps(scores, indent=2))
     return sae, scores
 
 
 def score_exported(directory: str | Path) -> dict[str, float]:
-    """Recompute the scores of a `train_planted` export from its files alone."""
+    """Recompute the scores of an export (`train_planted`, or `train.py experiment=planted`) from its files."""
     directory = Path(directory)
     with safe_open(str(directory / PLANTED_FILE), "pt") as handle:
-        run = PlantedRun(**json.loads(handle.metadata()["run"]))
+        metadata = handle.metadata()
     planted = PlantedFeatures.load(directory / PLANTED_FILE)
-    return score(SparseAutoencoder.load(directory / SAE_DIR), planted, run.eval_data(planted))
+    return score(SparseAutoencoder.load(directory / SAE_DIR), planted, eval_data(planted, metadata))
 
 
 def planted_activations(n: int, save_to: str | Path | None = None, seed: int = 0, **generator_kwargs) -> torch.Tensor:
@@ -215,7 +229,8 @@ def planted_activations(n: int, save_to: str | Path | None = None, seed: int = 0
     planted = PlantedFeatures.create(seed=seed, **generator_kwargs)
     if save_to is not None:
         Path(save_to).parent.mkdir(parents=True, exist_ok=True)
-        planted.save(save_to, metadata={"generator": json.dumps({"seed": seed, **generator_kwargs})})
+        planted.save(save_to, metadata={"generator": json.dumps({"seed": seed, **generator_kwargs}),
+                                        **eval_metadata(seed)})
     return planted.sample(n, torch.Generator().manual_seed(seed + 1))
 
 

@@ -46,13 +46,13 @@ def test_buffer_filling_batches_are_not_steps():
     assert trainer.global_step == 2
 
 
-def test_b_dec_initialised_from_the_first_buffer():
+def test_first_buffer_seen_from_the_first_buffer():
     torch.manual_seed(1)
     first = torch.randn(64, 4) + 5.0
     module = SAETrainingModule(SparseAutoencoder(4, 8), b_dec_init="mean", lr=1e-12)
     fit(module, [{"activations": torch.randn(16, 4), "init_activations": first}], 1)
     assert torch.allclose(module.sae.b_dec, first.mean(0), atol=1e-5)
-    assert bool(module.b_dec_initialised)
+    assert bool(module.first_buffer_seen)
 
 
 def test_atomic_checkpoint_keeps_the_old_file_when_a_write_fails(tmp_path: Path, monkeypatch):
