@@ -79,7 +79,7 @@ def resolve_model_args(name: str, pretrained: str | None, quick_gelu: bool | Non
         tags = open_clip.list_pretrained_tags_by_model(name)
         cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if not cfg:
-            if any(sep in pretrained for sep in ("/", "\\")) or pretrained.endswith((".pt", ".bin", ".pth")):
+            if any(sep in pretrained for sep in ("/", "\\")) or pretrained.endswith((".pt", ".bin", ".pth", ".safetensors", ".ckpt")):
                 raise FileNotFoundError(f"Pretrained checkpoint file {pretrained!r} does not exist.")
             raise ValueError(
                 f"Unknown pretrained tag {pretrained!r} for {name!r}. Available tags: {tags or 'none'}; "

@@ -29,7 +29,7 @@ def ghost_grad_loss(x: torch.Tensor, x_hat: torch.Tensor, hidden_pre: torch.Tens
     """
     residual = (x - x_hat).detach()
     residual_norm = residual.norm(dim=-1, keepdim=True)
-    ghost_out = torch.exp(hidden_pre[:, dead_mask]) @ W_dec[dead_mask]
+    ghost_out = torch.exp(hidden_pre[..., dead_mask]) @ W_dec[dead_mask]
     scale = residual_norm / (2 * ghost_out.norm(dim=-1, keepdim=True) + EPS)
     ghost_out = ghost_out * scale.detach()
     ghost_elem = (ghost_out - residual).pow(2) / residual_norm
@@ -56,7 +56,7 @@ def remove_parallel_gradient(W_dec: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-5) -> torch.Tensor:
+def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-12) -> torch.Tensor:
     """Weiszfeld's algorithm: the point minimising the summed Euclidean distance to `points` [N, d].
 
     Runs on the points' device in float64, stopping when the objective changes by less than `tol`
