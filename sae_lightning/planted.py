@@ -156,7 +156,12 @@ def score(sae: SparseAutoencoder, planted: PlantedFeatures, x: torch.Tensor) -> 
 
 @dataclass
 class PlantedRun:
-    """One planted-feature training run: the data, the SAE and the seed's training knobs."""
+    """One planted-feature training run: the data, the SAE and the seed's training knobs.
+
+    The defaults reach MMCS 0.995 with every true feature recovered at cosine > 0.9 on the default data
+    (BENCHMARKS.md). The seed's lr (4e-4) is far too slow for 2,000 small steps; the normalised mse divides
+    by ||x||, so the "vit" variant (||x|| about 10 instead of 1.3) wants an l1 about 8x smaller (5e-5).
+    """
 
     variant: str = "default"
     d: int = 256
@@ -166,12 +171,12 @@ class PlantedRun:
     n_train: int = 262_144
     n_eval: int = 16_384
     expansion: int = 4
-    l1_coefficient: float = 3e-4
+    l1_coefficient: float = 4e-4
     mse: str = "normalised"
-    lr: float = 1e-3
+    lr: float = 3e-3
     lr_warmup_steps: int = 100
     steps: int = 2000
-    sae_batch_size: int = 256
+    sae_batch_size: int = 128
     buffer_size: int = 4096
     ghost_grads: bool = True
     dead_feature_window: int = 64

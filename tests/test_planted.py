@@ -44,13 +44,15 @@ def test_scores():
     assert recovered_fraction(true, noisy, 0.9) == 1.0 and recovered_fraction(true, noisy, 0.99) == 0.0
 
 
-@pytest.mark.slow
 def test_training_recovers_planted_features(tmp_path):
-    """A small planted problem through the real Trainer; thresholds well below what it reaches."""
-    run = PlantedRun(d=64, n_features=128, n_train=65_536, n_eval=4096, expansion=4, l1_coefficient=1e-3, lr=3e-3,
-                     steps=800, sae_batch_size=128, buffer_size=2048, lr_warmup_steps=50, seed=0)
+    """The default planted data through the real Trainer, half the default steps; thresholds with margin.
+
+    At 1,000 steps it reaches MMCS 0.976 and 95% recovered (2,000 steps: 0.995 and 100%, BENCHMARKS.md).
+    """
+    run = PlantedRun(steps=1000, n_train=131_072, n_eval=8192)
     sae, scores = train_planted(run, tmp_path)
-    assert scores["mmcs"] > 0.9, scores
-    assert scores["recovered_0.9"] > 0.8, scores
-    assert scores["l0"] < 3 * run.active and scores["explained_variance"] > 0.8, scores
+    assert scores["mmcs"] > 0.95, scores
+    assert scores["recovered_0.9"] > 0.85, scores
+    assert scores["l0"] < 3 * run.active and scores["explained_variance"] > 0.9, scores
+    assert scores["dead_fraction"] < 0.1, scores
     assert score_exported(tmp_path) == pytest.approx(scores, abs=1e-6)

@@ -84,14 +84,17 @@ class ContrastiveEvalCallback(Callback):
         return torch.cat(images)[: self.n_images], torch.cat(labels)[: self.n_images]
 
     @torch.no_grad()
-    def evaluate(self, sae: torch.nn.Module) -> dict[str, float]:
-        """The three losses/accuracies and the score for the current SAE (eval mode, restored after)."""
+    def evaluate(self, sae: torch.nn.Module, scale: float = 1.0) -> dict[str, float]:
+        """The three losses/accuracies and the score for the current SAE (eval mode, restored after).
+
+        `scale` is the training-time activation scale: the SAE sees scale * x and its output is unscaled.
+        """
         was_training = sae.training
         sae.eval()
         acc = ContrastiveAccumulator(self.class_features, self.logit_scale, self.batch_size)
         try:
             for residual, labels, fixed in zip(self.residuals, self.labels, self.fixed):
-                recon = sae(select_tokens(residual, self.tokens))
+                recon = sae(select_tokens(residual, self.tokens).float() * scale) / scale
                 spliced = replace_tokens(residual, self.tokens, recon.to(residual.dtype))
                 acc.update(dict(fixed, sae=self.backbone.forward_from(spliced, self.layer)), labels)
         finally:
@@ -104,7 +107,7 @@ class ContrastiveEvalCallback(Callback):
         if not self.enabled or step == self._last_step or step % self.every_n_steps:
             return
         self._last_step = step
-        values = self.evaluate(pl_module.sae)
+        values = self.evaluate(pl_module.sae, float(getattr(pl_module, "activation_scale", 1.0)))
         metrics = {f"contrastive/{_short(k)}": v for k, v in values.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
