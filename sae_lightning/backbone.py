@@ -91,6 +91,19 @@ def resolve_model_args(name: str, pretrained: str | None, quick_gelu: bool | Non
     return {"model_name": name, "pretrained": pretrained, "force_quick_gelu": force}
 
 
+def check_layer(name: str, layer: int) -> None:
+    """Fail on an impossible `layer` from the model's config alone, before any weights are downloaded."""
+    if name.startswith(HF_HUB_PREFIX):
+        return
+    config = open_clip.get_model_config(name) or {}
+    n_layers = (config.get("vision_cfg") or {}).get("layers")
+    if isinstance(n_layers, int) and not -n_layers <= layer < n_layers:
+        raise ValueError(
+            f"layer={layer} is outside {name!r}, which has {n_layers} residual blocks: use 0..{n_layers - 1} "
+            f"(or -{n_layers}..-1 from the end)."
+        )
+
+
 class Backbone(nn.Module):
     """A frozen open_clip CLIP whose vision tower can be run up to a block and resumed from it."""
 

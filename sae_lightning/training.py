@@ -12,6 +12,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sae_lightning.backbone import check_layer
 from sae_lightning.config import save_resolved_config
 from sae_lightning.data.datamodule import require_train_shards
 
@@ -48,6 +49,8 @@ def train(cfg: DictConfig) -> Path:
     """Train one SAE as `cfg` says; returns the run directory."""
     output_dir = Path(cfg.paths.output_dir)
     require_train_shards(cfg.data.train_shards)  # before any weights are downloaded
+    if "name" in cfg.backbone:
+        check_layer(cfg.backbone.name, cfg.layer)
     save_resolved_config(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)

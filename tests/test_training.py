@@ -130,3 +130,10 @@ def test_all_tokens_run_serves_exact_sae_batches(tmp_path, data_dir, tiny_shards
     state = ckpt["ImageActivationDataModule"]
     assert state["activations_seen"] == 17 * state["images_seen"]
     assert SparseAutoencoder.load(tmp_path / "sae").metadata["tokens_per_image"] == 17
+
+
+def test_wrong_layer_fails_before_any_download(tmp_path, tiny_shards):
+    result = run_train_cli([f"hydra.run.dir={tmp_path}", f"data.train_shards='{tiny_shards[0]}'", "layer=24"])
+    assert result.returncode != 0
+    assert "layer=24 is outside 'ViT-L-14', which has 24 residual blocks" in result.stderr
+    assert "Downloading" not in result.stderr and "download" not in result.stderr.lower()
