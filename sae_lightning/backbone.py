@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 Tokens = Literal["cls", "patches", "all"]
 TOKEN_CHOICES = ("cls", "patches", "all")
 HF_HUB_PREFIX = "hf-hub:"
+CHECKPOINT_SUFFIXES = (".pt", ".bin", ".pth", ".safetensors", ".ckpt")
 TINY_MODEL_NAME = "sae-tiny-vit"
 _MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(_MODEL_CONFIG_DIR)
@@ -79,7 +80,8 @@ def resolve_model_args(name: str, pretrained: str | None, quick_gelu: bool | Non
         tags = open_clip.list_pretrained_tags_by_model(name)
         cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if not cfg:
-            if any(sep in pretrained for sep in ("/", "\\")) or pretrained.endswith((".pt", ".bin", ".pth", ".safetensors", ".ckpt")):
+            looks_like_path = any(sep in pretrained for sep in ("/", "\\"))
+            if looks_like_path or pretrained.endswith(CHECKPOINT_SUFFIXES):
                 raise FileNotFoundError(f"Pretrained checkpoint file {pretrained!r} does not exist.")
             raise ValueError(
                 f"Unknown pretrained tag {pretrained!r} for {name!r}. Available tags: {tags or 'none'}; "
