@@ -12,6 +12,7 @@ import contextlib
 import io
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from sae_lightning.sae import SparseAutoencoder
 GFLOP_PER_IMAGE = 148.5  # ViT-L/14, 224 px, blocks 0..21
 SAE_MFLOP_PER_TOKEN = 805.0  # d=1024, 64x, forward + backward
 COMMAND = "python -m benchmarks.run --gpu --only gpu --out BENCHMARKS-gpu.md"
+DEVICE = "cuda"  # what `--gpu` measures; the code runs on "cpu" too (with a tiny GpuPlan) for checking it
 
 
 @dataclass
@@ -55,22 +57,25 @@ QUICK = GpuPlan(forward_batch=64, forward_repeats=3, shard_images=512, buffer_si
 
 
 def timed(fn, repeats: int) -> float:
-    """Seconds per call of `fn` on the GPU (CUDA events), after one warm-up call."""
+    """Seconds per call of `fn` on DEVICE, after one warm-up call (synchronised around the timed calls)."""
     fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    sync()
+    start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / 1000 / repeats
+    sync()
+    return (time.perf_counter() - start) / repeats
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def matmul_tflops(dtype: torch.dtype, n: int, tf32: bool = False) -> float:
     """Dense [n, n] @ [n, n] rate in TFLOP/s; fp32 without TF32 unless asked."""
     torch.backends.cuda.matmul.allow_tf32 = tf32
-    a, b = (torch.randn(n, n, device="cuda", dtype=dtype) for _ in range(2))
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=dtype) for _ in range(2))
     seconds = timed(lambda: a @ b, 20)
     torch.backends.cuda.matmul.allow_tf32 = False
     return 2 * n**3 / seconds / 1e12
@@ -78,8 +83,8 @@ def matmul_tflops(dtype: torch.dtype, n: int, tf32: bool = False) -> float:
 
 def forward_images_per_second(backbone: Backbone, plan: GpuPlan, dtype: torch.dtype | None, full: bool) -> float:
     """Images/s of the forward to `layer` (or the whole model) on random 224 px images."""
-    images = torch.randn(plan.forward_batch, 3, backbone.image_size, backbone.image_size, device="cuda")
-    ctx = (lambda: torch.autocast("cuda", dtype=dtype)) if dtype else contextlib.nullcontext
+    images = torch.randn(plan.forward_batch, 3, backbone.image_size, backbone.image_size, device=DEVICE)
+    ctx = (lambda: torch.autocast(DEVICE, dtype=dtype)) if dtype else contextlib.nullcontext
 
     def forward() -> None:
         with ctx():
@@ -94,16 +99,18 @@ def seed_steps_per_second(backbone: Backbone, plan: GpuPlan, autocast: str, shar
     datamodule = ImageActivationDataModule(backbone, shards, classnames=None, layer=plan.layer, tokens="cls",
                                            sae_batch_size=plan.sae_batch, buffer_size=plan.buffer_size,
                                            num_workers=min(8, os.cpu_count() or 1), shuffle=1000,
-                                           autocast=autocast, pin_memory=True)
+                                           autocast=autocast, pin_memory=DEVICE == "cuda")
     torch.manual_seed(0)
     sae = SparseAutoencoder(backbone.width, plan.expansion * backbone.width, l1_coefficient=8e-5)
     clock = StepClock()
-    trainer = L.Trainer(accelerator="gpu", devices=1, max_steps=plan.warmup + plan.steps, max_epochs=-1,
+    trainer = L.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1,
+                        max_steps=plan.warmup + plan.steps, max_epochs=-1,
                         logger=TensorBoardLogger(work, name="seed"), log_every_n_steps=10,
                         callbacks=[DensityHistogramCallback(), clock], enable_checkpointing=False,
                         enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
                         limit_val_batches=0)
-    with contextlib.redirect_stderr(io.StringIO()):
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         trainer.fit(SAETrainingModule(sae), datamodule=datamodule)
     return clock.step_rates(plan.warmup)[0]
 
@@ -113,14 +120,14 @@ def measured(plan: GpuPlan) -> str:
     rates = {"fp32": matmul_tflops(torch.float32, plan.matmul_size),
              "tf32": matmul_tflops(torch.float32, plan.matmul_size, tf32=True),
              "bf16": matmul_tflops(torch.bfloat16, plan.matmul_size)}
-    backbone = load_backbone(plan.model, pretrained=None, quick_gelu=True, device="cuda")
+    backbone = load_backbone(plan.model, pretrained=None, quick_gelu=True, device=DEVICE)
     forward_rows = []
     for label, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         to_layer = forward_images_per_second(backbone, plan, dtype, full=False)
         full = forward_images_per_second(backbone, plan, dtype, full=True)
-        floor = rates[label] * 1e12 / (GFLOP_PER_IMAGE * 1e9)
-        forward_rows.append([label, plan.forward_batch, f"{to_layer:,.0f}", f"{full:,.0f}", f"{floor:,.0f}",
-                             f"{100 * to_layer / floor:.0f}%"])
+        floor_ms = GFLOP_PER_IMAGE * 1e9 / (rates[label] * 1e12) * 1e3
+        forward_rows.append([label, plan.forward_batch, f"{to_layer:,.0f}", f"{full:,.0f}", f"{1e3 / to_layer:.3f}",
+                             f"{floor_ms:.3f}", f"{100 * floor_ms * to_layer / 1e3:.0f}%"])
     step_rows = []
     with tempfile.TemporaryDirectory() as tmp:
         shards = write_demo_shards(tmp, plan.shard_images, image_size=backbone.image_size,
@@ -130,21 +137,26 @@ def measured(plan: GpuPlan) -> str:
             floor_s = plan.sae_batch * (GFLOP_PER_IMAGE * 1e9 / (rates[label] * 1e12)
                                         + SAE_MFLOP_PER_TOKEN * 1e6 / (rates["fp32"] * 1e12))
             step_rows.append([label, plan.sae_batch, plan.expansion, f"{steps:.3f}", f"{steps * plan.sae_batch:,.0f}",
-                              f"{1 / floor_s:.3f}", f"{100 * steps * floor_s:.0f}%"])
+                              f"{1 / steps:.3f}", f"{floor_s:.3f}", f"{100 * steps * floor_s:.0f}%"])
+    size = backbone.image_size
     return f"""
 Matrix rate ([{plan.matmul_size}]^2 matmuls): fp32 {rates['fp32']:.1f}, TF32 {rates['tf32']:.1f}, bf16
-{rates['bf16']:.1f} TFLOP/s. Floors use fp32 (TF32 off, the default `matmul_precision: highest`) or bf16.
+{rates['bf16']:.1f} TFLOP/s. Floors use fp32 (TF32 off, the default `matmul_precision: highest`) or bf16:
+the time the matrix multiplies alone would take at that rate; "floor / measured" is the share of it reached.
 
-**{plan.model} forward, random 224 px images** (to layer {plan.layer} vs the whole model; floor = rate /
-{GFLOP_PER_IMAGE} GFLOP):
+**{plan.model} forward, random {size} px images** (to layer {plan.layer} vs the whole model; floor =
+{GFLOP_PER_IMAGE} GFLOP per image / rate):
 
-{table(["precision", "batch", "to layer images/s", "full images/s", "floor images/s", "of floor"], forward_rows)}
+{table(["precision", "batch", "to layer images/s", "full images/s", "measured ms/image", "floor ms/image",
+        "floor / measured"], forward_rows)}
 
-**Seed configuration end to end** (generated 224 px shards, {min(8, os.cpu_count() or 1)} workers, class
+**Seed configuration end to end** (generated {size} px shards, {min(8, os.cpu_count() or 1)} workers, class
 token, buffer {plan.buffer_size}, SAE {plan.expansion}x fp32, Adam, ghost grads, logging every 10 steps;
-{plan.steps} steps timed after {plan.warmup}; backbone precision = `data.autocast`):
+{plan.steps} steps timed after {plan.warmup}; backbone precision = `data.autocast`; floor = {plan.sae_batch} x
+({GFLOP_PER_IMAGE} GFLOP / backbone rate + {SAE_MFLOP_PER_TOKEN:g} MFLOP / fp32 rate)):
 
-{table(["backbone", "batch", "expansion", "steps/s", "images/s", "floor steps/s", "of floor"], step_rows)}
+{table(["backbone", "batch", "expansion", "steps/s", "images/s", "measured s/step", "floor s/step",
+        "floor / measured"], step_rows)}
 """
 
 

@@ -1,14 +1,14 @@
-"""Memory: peak resident memory of a streaming training run (`train.py experiment=demo`) at two dataset sizes.
+"""Memory: peak resident memory of a streaming training run (`train.py experiment=demo`) at several dataset sizes.
 
-Each run is a fresh subprocess. Two readings: the training process's own peak (`ru_maxrss` from
-`wait4`, i.e. the largest single process of its tree) and the peak of the summed RSS of the whole process
-tree (the trainer plus its DataLoader workers, sampled from /proc every 50 ms; shared pages are counted
-once per process, so this over-counts). Neither may grow with the number of images streamed.
+Each run is a fresh subprocess, watched through /proc every 50 ms. Two readings: the training process's
+own peak (VmHWM, the kernel's high-water mark of its RSS since exec; `ru_maxrss` would also count the
+benchmark process it was forked from) and the peak of the summed RSS of the whole process tree (the trainer
+plus its DataLoader workers; pages shared after fork count once per process, so this over-counts).
+Neither may grow with the number of images streamed.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +19,7 @@ from benchmarks.report import ROOT, Section, table
 from sae_lightning.data.synthetic import write_demo_shards
 
 SHARD_SIZE, REAL_SHARDS, BATCH, FILL_BATCHES = 256, 8, 256, 8  # experiment=demo: batch 256, buffer 2048
-FULL, QUICK = (1, 4), (1, 2)  # dataset sizes, in copies of the REAL_SHARDS x SHARD_SIZE generated images
+FULL, QUICK = (1, 4, 16), (1, 2)  # dataset sizes, in copies of the REAL_SHARDS x SHARD_SIZE generated images
 
 
 def _children(pid: int) -> list[int]:
@@ -34,10 +34,11 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def _rss_kib(pid: int) -> int:
+def _status_kib(pid: int, field: str) -> int:
+    """A memory field of /proc/<pid>/status in KiB (0 once the process is gone)."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
         pass
@@ -49,7 +50,7 @@ def tree_rss_kib(pid: int) -> int:
     total, stack = 0, [pid]
     while stack:
         current = stack.pop()
-        total += _rss_kib(current)
+        total += _status_kib(current, "VmRSS")
         stack += _children(current)
     return total
 
@@ -60,19 +61,16 @@ def streaming_run(shards: str, n_images: int, work: Path) -> dict[str, float]:
            f"hydra.run.dir={work / f'run-{n_images}'}", f"data.train_shards='{shards}'", "data.val_shards=null",
            f"max_steps={n_images // BATCH}", "trainer.enable_progress_bar=false"]
     log_path = work / f"run-{n_images}.log"
-    start, peak_tree = time.perf_counter(), 0
+    start, peak_main, peak_tree = time.perf_counter(), 0, 0
     with open(log_path, "wb") as log:
-        # Popen only starts it (in the repository, output to the log); wait4 reaps it and reports ru_maxrss.
-        pid = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).pid
-        while True:
-            done, status, usage = os.wait4(pid, os.WNOHANG)
-            if done:
-                break
-            peak_tree = max(peak_tree, tree_rss_kib(pid))
+        process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        while process.poll() is None:
+            peak_main = max(peak_main, _status_kib(process.pid, "VmHWM"))
+            peak_tree = max(peak_tree, tree_rss_kib(process.pid))
             time.sleep(0.05)
-    if os.waitstatus_to_exitcode(status) != 0:
+    if process.returncode != 0:
         raise RuntimeError(f"streaming run failed; see {log_path}:\n{log_path.read_text()[-3000:]}")
-    return {"main_mib": usage.ru_maxrss / 1024, "tree_mib": peak_tree / 1024, "wall_s": time.perf_counter() - start}
+    return {"main_mib": peak_main / 1024, "tree_mib": peak_tree / 1024, "wall_s": time.perf_counter() - start}
 
 
 def run(quick: bool = False) -> Section:
@@ -94,10 +92,10 @@ def run(quick: bool = False) -> Section:
 `python train.py experiment=demo` (tiny backbone, generated 32 px JPEG shards, 2 DataLoader workers, SAE
 batch 256, shuffle buffer 2,048, TensorBoard, checkpoints, SAE export) in a fresh subprocess per dataset
 size, for one pass over the dataset ({BATCH} images per step, after {FILL_BATCHES} batches fill the buffer).
-The larger dataset is {REAL_SHARDS * SHARD_SIZE:,} generated images in {REAL_SHARDS} shards, linked under
+Every dataset is the same {REAL_SHARDS * SHARD_SIZE:,} generated images in {REAL_SHARDS} shards, linked under
 new shard names until it has the size shown, so only the number of images differs. "trainer peak" is
-`ru_maxrss` of the training process (from `wait4`); "tree peak" is the largest summed RSS of the trainer and
-its workers seen every 50 ms (shared pages counted in every process).
+the training process's VmHWM (its RSS high-water mark, last read before it exits); "tree peak" is the
+largest summed RSS of the trainer and its workers seen every 50 ms (shared pages counted in every process).
 
 {table(["dataset images", "images streamed", "steps", "trainer peak RSS (MiB)", "tree peak RSS (MiB)",
         "wall (s)"], rows)}

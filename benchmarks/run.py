@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import warnings
@@ -25,18 +26,21 @@ PARTS = [*CPU_PARTS, "gpu"]
 
 def quiet() -> None:
     """Keep the console to the benchmark's own progress lines (Lightning's banners, expected warnings)."""
+    logging.getLogger().setLevel(logging.ERROR)  # e.g. open_clip's "no pretrained weights" for random inits
     for name in ("lightning.pytorch", "lightning.fabric", "sae_lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
 
 
 def run_part(name: str, quick: bool, gpu_requested: bool) -> Section:
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), os.getloadavg()[0]
     print(f"[bench] {name} ...", flush=True)
     section = gpu.run(quick, measure=gpu_requested) if name == "gpu" else CPU_PARTS[name](quick)
     elapsed = time.perf_counter() - start
     print(f"[bench] {name} done in {elapsed:.0f} s", flush=True)
-    section.body += f"\n\n_This part took {elapsed:.0f} s._"
+    # Other processes' load skews timings on a shared machine: say how busy it was.
+    section.body += (f"\n\n_This part took {elapsed:.0f} s; 1-minute load average {load_before:.1f} before, "
+                     f"{os.getloadavg()[0]:.1f} after._")
     return section
 
 

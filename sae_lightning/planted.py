@@ -188,9 +188,7 @@ class PlantedRun:
                                       seed=self.seed)
 
 
-
-def train_planted(run: PlantedRun, out_dir: str | Path | None = None,
-                  trainer_kwargs: dict | None = None) -> tuple[SparseAutoencoder, dict[str, float]]:
+def train_planted(run: PlantedRun, out_dir: str | Path | None = None) -> tuple[SparseAutoencoder, dict[str, float]]:
     """Train an SAE on planted features through the real Lightning stack (CPU) and score it.
 
     With `out_dir`, writes `sae/` (SAELens layout), `planted.safetensors` (the generator and its true
@@ -206,10 +204,10 @@ def train_planted(run: PlantedRun, out_dir: str | Path | None = None,
                                b_dec_init=run.b_dec_init)
     datamodule = ActivationsDataModule(train_x, sae_batch_size=run.sae_batch_size, buffer_size=run.buffer_size,
                                        seed=run.seed)
-    kwargs = {"accelerator": "cpu", "devices": 1, "max_steps": run.steps, "max_epochs": -1, "logger": False,
-              "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
-              "num_sanity_val_steps": 0, "limit_val_batches": 0} | (trainer_kwargs or {})
-    L.Trainer(**kwargs).fit(module, datamodule=datamodule)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=run.steps, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=datamodule)
     held_out = eval_metadata(run.seed, run.n_eval)
     scores = score(sae, planted, eval_data(planted, held_out))
     if out_dir is not None:

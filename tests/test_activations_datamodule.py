@@ -6,12 +6,14 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 from safetensors.torch import save_file
 
 from sae_lightning.data.activations import ActivationsDataModule, ChunkSampler, load_activations
 from sae_lightning.data.buffer import ShuffleBuffer
 from sae_lightning.module import SAETrainingModule
 from sae_lightning.sae import SparseAutoencoder
+from tests.conftest import compose_config
 
 D = 8
 
@@ -89,6 +91,15 @@ def test_trains_through_lightning_across_epochs():
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=5)
     trainer.fit(module, datamodule=dm)
     assert trainer.global_step == 10 and trainer.current_epoch >= 1  # 6 chunks per epoch, 2 fill the buffer
-    assert bool(module.b_dec_initialised)
+    assert bool(module.first_buffer_seen)
     assert torch.allclose(sae.b_dec, (rows() + 3.0).mean(0), atol=0.5)
     assert dm.activations_seen == 16 * (10 + 2)
+
+
+def test_planted_experiment_builds_its_datamodule_without_a_backbone(tmp_path):
+    cfg = compose_config(["experiment=planted", f"paths.output_dir={tmp_path}", "data.activations.n=2048",
+                          "data.buffer_size=512"])
+    assert cfg.get("backbone") is None
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, ActivationsDataModule) and dm.d_in == 256 and dm.sae_batch_size == cfg.sae_batch_size
+    assert (tmp_path / "planted.safetensors").is_file()

@@ -46,7 +46,7 @@ def test_buffer_filling_batches_are_not_steps():
     assert trainer.global_step == 2
 
 
-def test_first_buffer_seen_from_the_first_buffer():
+def test_b_dec_initialised_from_the_first_buffer():
     torch.manual_seed(1)
     first = torch.randn(64, 4) + 5.0
     module = SAETrainingModule(SparseAutoencoder(4, 8), b_dec_init="mean", lr=1e-12)
