@@ -170,7 +170,7 @@ measures, with ViT-L/14 built without pretrained weights (same cost as the OpenA
 
 - the matrix rate of this GPU: [8192]^2 matmuls in fp32 (TF32 off), TF32 and bf16, TFLOP/s;
 - ViT-L/14 images/s to layer 22 (class token) in fp32 and bf16 autocast at batch 256, and a full forward
-  for comparison, each against the floor = matrix rate / 148.5 GFLOP per image (22 blocks at 224 px);
+  for comparison, each against the floor = 148.5 GFLOP per image (22 blocks at 224 px) / matrix rate;
 - the seed configuration's end-to-end steps/s (generated 224 px JPEG shards, 8 DataLoader workers,
   `ImageActivationDataModule` with buffer 15,360, SAE 1024 x 65,536 at batch 1,024 under Lightning with the
   density-histogram callback and TensorBoard logging), with the backbone in fp32 and in bf16, against the
@@ -183,4 +183,6 @@ measures, with ViT-L/14 built without pretrained weights (same cost as the OpenA
 def run(quick: bool = False, measure: bool = False) -> Section:
     if measure and torch.cuda.is_available():
         return Section(f"GPU ({torch.cuda.get_device_name(0)})", measured(QUICK if quick else FULL))
+    if measure:
+        print("[bench] --gpu: CUDA is not available here; the GPU section says what it would measure.", flush=True)
     return Section("GPU (not measured)", not_measured())

@@ -1,10 +1,10 @@
 """Memory: peak resident memory of a streaming training run (`train.py experiment=demo`) at several dataset sizes.
 
-Each run is a fresh subprocess, watched through /proc every 50 ms. Two readings: the training process's
+Each run is a fresh subprocess, watched through /proc every 100 ms. Two readings: the training process's
 own peak (VmHWM, the kernel's high-water mark of its RSS since exec; `ru_maxrss` would also count the
-benchmark process it was forked from) and the peak of the summed RSS of the whole process tree (the trainer
-plus its DataLoader workers; pages shared after fork count once per process, so this over-counts).
-Neither may grow with the number of images streamed.
+benchmark process it was forked from) and the peak of the whole process tree's PSS (the trainer plus its
+DataLoader workers, each page shared after fork split between its sharers, so the sum is memory actually
+used). Neither may grow with the number of images streamed.
 """
 
 from __future__ import annotations
@@ -35,9 +35,10 @@ def _children(pid: int) -> list[int]:
 
 
 def _status_kib(pid: int, field: str) -> int:
-    """A memory field of /proc/<pid>/status in KiB (0 once the process is gone)."""
+    """A memory field of /proc/<pid>/status or smaps_rollup in KiB (0 once the process is gone)."""
+    source = "smaps_rollup" if field == "Pss" else "status"
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        for line in Path(f"/proc/{pid}/{source}").read_text().splitlines():
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     except OSError:
@@ -45,12 +46,12 @@ def _status_kib(pid: int, field: str) -> int:
     return 0
 
 
-def tree_rss_kib(pid: int) -> int:
-    """Summed RSS of `pid` and all its descendants."""
+def tree_pss_kib(pid: int) -> int:
+    """Summed PSS of `pid` and all its descendants."""
     total, stack = 0, [pid]
     while stack:
         current = stack.pop()
-        total += _status_kib(current, "VmRSS")
+        total += _status_kib(current, "Pss")
         stack += _children(current)
     return total
 
@@ -59,15 +60,16 @@ def streaming_run(shards: str, n_images: int, work: Path) -> dict[str, float]:
     """Train the demo config on `shards` for one pass of `n_images`; peak memory and wall time."""
     cmd = [sys.executable, "train.py", "experiment=demo", f"paths.data_dir={work}",
            f"hydra.run.dir={work / f'run-{n_images}'}", f"data.train_shards='{shards}'", "data.val_shards=null",
-           f"max_steps={n_images // BATCH}", "trainer.enable_progress_bar=false"]
+           f"max_steps={n_images // BATCH}", "trainer.enable_progress_bar=false",
+           "callbacks.model_checkpoint.every_n_train_steps=1000000"]  # same checkpoint work at every size
     log_path = work / f"run-{n_images}.log"
     start, peak_main, peak_tree = time.perf_counter(), 0, 0
     with open(log_path, "wb") as log:
         process = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         while process.poll() is None:
             peak_main = max(peak_main, _status_kib(process.pid, "VmHWM"))
-            peak_tree = max(peak_tree, tree_rss_kib(process.pid))
-            time.sleep(0.05)
+            peak_tree = max(peak_tree, tree_pss_kib(process.pid))
+            time.sleep(0.1)
     if process.returncode != 0:
         raise RuntimeError(f"streaming run failed; see {log_path}:\n{log_path.read_text()[-3000:]}")
     return {"main_mib": peak_main / 1024, "tree_mib": peak_tree / 1024, "wall_s": time.perf_counter() - start}
@@ -90,14 +92,17 @@ def run(quick: bool = False) -> Section:
                          f"{result['tree_mib']:,.0f}", f"{result['wall_s']:.0f}"])
     body = f"""
 `python train.py experiment=demo` (tiny backbone, generated 32 px JPEG shards, 2 DataLoader workers, SAE
-batch 256, shuffle buffer 2,048, TensorBoard, checkpoints, SAE export) in a fresh subprocess per dataset
-size, for one pass over the dataset ({BATCH} images per step, after {FILL_BATCHES} batches fill the buffer).
-Every dataset is the same {REAL_SHARDS * SHARD_SIZE:,} generated images in {REAL_SHARDS} shards, linked under
-new shard names until it has the size shown, so only the number of images differs. "trainer peak" is
-the training process's VmHWM (its RSS high-water mark, last read before it exits); "tree peak" is the
-largest summed RSS of the trainer and its workers seen every 50 ms (shared pages counted in every process).
+batch 256, shuffle buffer 2,048, TensorBoard, density histograms, SAE export; periodic checkpoints off so
+every size does the same non-streaming work) in a fresh subprocess per dataset size, for one pass over
+the dataset ({BATCH} images per step, after {FILL_BATCHES} batches fill the buffer). Every dataset is the
+same {REAL_SHARDS * SHARD_SIZE:,} generated images in {REAL_SHARDS} shards, linked under new shard names
+until it has the size shown, so only the number of images differs. "trainer peak" is the training
+process's VmHWM (its RSS high-water mark, last read before it exits); "tree peak" is the largest summed
+PSS of the trainer and its workers seen every 100 ms (shared pages split between sharers). Forked workers
+gain private pages for a while as Python touches objects inherited from the trainer (copy-on-write), so
+their PSS rises early in a run and then stays flat.
 
-{table(["dataset images", "images streamed", "steps", "trainer peak RSS (MiB)", "tree peak RSS (MiB)",
+{table(["dataset images", "images streamed", "steps", "trainer peak RSS (MiB)", "tree peak PSS (MiB)",
         "wall (s)"], rows)}
 """
     return Section("Memory: peak RSS of a streaming run", body)

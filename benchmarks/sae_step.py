@@ -54,7 +54,7 @@ class StepCase:
 FULL = [StepCase(256, 4, 128, 100), StepCase(768, 16, 128, 10), StepCase(768, 64, 32, 6, warmup=4),
         StepCase(1024, 16, 128, 10), StepCase(1024, 64, 32, 6, warmup=4)]
 QUICK = [StepCase(256, 4, 128, 20), StepCase(768, 16, 32, 10), StepCase(1024, 64, 8, 6, warmup=4)]
-REPEATS = 3  # alternating order, the best of each: drifts and others' load hurt both alike
+REPEATS, QUICK_REPEATS = 3, 1  # alternating order, the best of each: drifts and others' load hurt both alike
 
 
 def new_sae(case: StepCase) -> SparseAutoencoder:
@@ -108,10 +108,11 @@ def project_step(case: StepCase, data: torch.Tensor, log_dir: str) -> tuple[floa
     return steps_wall * case.batch, steps_cpu * case.batch, histogram_ms
 
 
-def best_rates(case: StepCase, data: torch.Tensor, log_dir: str) -> tuple[float, float, float, float, float]:
-    """Best (bare wall, bare CPU, project wall, project CPU) tokens/s over REPEATS, and histogram ms."""
+def best_rates(case: StepCase, data: torch.Tensor, log_dir: str, repeats: int
+               ) -> tuple[float, float, float, float, float]:
+    """Best (bare wall, bare CPU, project wall, project CPU) tokens/s over `repeats`, and histogram ms."""
     bare, project = [], []
-    for repeat in range(REPEATS):
+    for repeat in range(repeats):
         for kind in ("bare", "project") if repeat % 2 == 0 else ("project", "bare"):
             gc.collect()  # Lightning's reference cycles would keep the previous run's SAE and Adam state alive
             if kind == "bare":
@@ -123,12 +124,12 @@ def best_rates(case: StepCase, data: torch.Tensor, log_dir: str) -> tuple[float,
 
 
 def run(quick: bool = False) -> Section:
-    rows = []
+    rows, repeats = [], QUICK_REPEATS if quick else REPEATS
     with tempfile.TemporaryDirectory() as log_dir:
         for case in QUICK if quick else FULL:
             n_rows = (4 + case.warmup + case.steps + 2) * case.batch
             data = torch.randn(n_rows, case.d, generator=torch.Generator().manual_seed(0)) + 1.0
-            bare_wall, bare_cpu, proj_wall, proj_cpu, histogram_ms = best_rates(case, data, log_dir)
+            bare_wall, bare_cpu, proj_wall, proj_cpu, histogram_ms = best_rates(case, data, log_dir, repeats)
             step_ms = 1000 * case.batch / proj_wall
             overhead_ms = step_ms - 1000 * case.batch / bare_wall
             rows.append([case.d, case.expansion, f"{case.d_sae:,}", case.batch, case.steps,
@@ -143,7 +144,7 @@ Tokens per second of one SAE training step (forward, loss with ghost grads, back
 `DensityHistogramCallback`, logging every {LOG_EVERY} steps. "bare" is a hand-written loop doing the same
 math (same `SparseAutoencoder`, Adam + warm-up, decoder renorm + gradient projection, dead-feature counters
 and ghost-grad mask) on slices of an in-memory tensor. Same data, same initial weights, same process; each
-is run {REPEATS} times, alternating which goes first, and the best of each is shown. Warm-up
+is run {repeats} time(s), alternating which goes first, and the best of each is shown. Warm-up
 steps are skipped (the first initialises b_dec) and the timed window always contains one logging step
 (2 warm-up + 10 timed steps; for 64x, 4 + 6, which over-weights logging). Batches are small so the largest
 SAE (1024 x 65,536) fits the time budget; small batches are the hardest case for a fixed per-step cost.
