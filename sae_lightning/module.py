@@ -52,6 +52,7 @@ class SAETrainingModule(LightningModule):
         self.l0 = L0()
         self.window_density = FeatureDensity(sae.d_sae)
         self.density_ready: torch.Tensor | None = None
+        self._first_buffer_seen_host = False  # a host copy, so the hot path never reads the device flag
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.adam_betas))
@@ -97,8 +98,10 @@ class SAETrainingModule(LightningModule):
         x = batch["activations"]
         if x.shape[0] == 0:
             return None  # the shuffle buffer is still filling
-        if not self.first_buffer_seen:
-            self.on_first_buffer(batch.get("init_activations", x))
+        if not self._first_buffer_seen_host:
+            if not self.first_buffer_seen:  # one device read per run (and after loading a checkpoint)
+                self.on_first_buffer(batch.get("init_activations", x))
+            self._first_buffer_seen_host = True
         if self.hparams.normalize_activations != "none":
             x = x * self.activation_scale
         optimizer = self.optimizers()

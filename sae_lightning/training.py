@@ -24,6 +24,9 @@ warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved
 
 def sae_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
     """What an exported SAE must know about where its inputs came from (cfg.json `metadata`)."""
+    if backbone is None:  # stored or planted activations: no model, layer or image size
+        return {"dataset": str(OmegaConf.to_container(cfg.data, resolve=True).get("activations")),
+                "expansion": cfg.expansion, "l1_coefficient": cfg.l1_coefficient, "lr": cfg.lr}
     return {
         "backbone": backbone.name,
         "pretrained": backbone.pretrained,
@@ -45,28 +48,36 @@ def total_steps(cfg: DictConfig, tokens_per_image: int) -> int:
     return math.ceil(cfg.training_images * tokens_per_image / cfg.sae_batch_size)
 
 
+def build_data(cfg: DictConfig):
+    """(backbone, datamodule, d_in): image shards through a backbone, or stored activations (backbone null)."""
+    if cfg.get("backbone") is None:
+        datamodule = instantiate(cfg.data)
+        return None, datamodule, datamodule.d_in
+    backbone = instantiate(cfg.backbone)
+    return backbone, instantiate(cfg.data, backbone=backbone), backbone.width
+
+
 def train(cfg: DictConfig) -> Path:
     """Train one SAE as `cfg` says; returns the run directory."""
     output_dir = Path(cfg.paths.output_dir)
-    require_train_shards(cfg.data.train_shards)  # before any weights are downloaded
-    if "name" in cfg.backbone:
-        check_layer(cfg.backbone.name, cfg.layer)
+    if cfg.get("backbone") is not None:  # fail on shards and layer before any weights are downloaded
+        require_train_shards(cfg.data.train_shards)
+        if "name" in cfg.backbone:
+            check_layer(cfg.backbone.name, cfg.layer)
     save_resolved_config(cfg, output_dir)
     L.seed_everything(cfg.seed, workers=True)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
 
-    backbone = instantiate(cfg.backbone)
-    datamodule = instantiate(cfg.data, backbone=backbone)
-    d_in = backbone.width
+    backbone, datamodule, d_in = build_data(cfg)
     sae = instantiate(cfg.sae, d_in=d_in, d_sae=cfg.expansion * d_in,
                       metadata=sae_metadata(cfg, backbone, datamodule))
     module = instantiate(cfg.module, sae=sae, _convert_="all")  # plain types in checkpoints
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    steps = total_steps(cfg, datamodule.tokens_per_image)
+    steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1))
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, max_steps=steps)
-    log.info("Training a %d x %d SAE on %s layer %d (%s tokens) for %d steps; outputs in %s",
-             d_in, sae.d_sae, backbone.name, datamodule.layer, datamodule.tokens, steps, output_dir)
+    source = f"{backbone.name} layer {datamodule.layer} ({datamodule.tokens} tokens)" if backbone else "activations"
+    log.info("Training a %d x %d SAE on %s for %d steps; outputs in %s", d_in, sae.d_sae, source, steps, output_dir)
     log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     return output_dir

@@ -137,3 +137,16 @@ def test_wrong_layer_fails_before_any_download(tmp_path, tiny_shards):
     assert result.returncode != 0
     assert "layer=24 is outside 'ViT-L-14', which has 24 residual blocks" in result.stderr
     assert "Downloading" not in result.stderr and "download" not in result.stderr.lower()
+
+
+def test_planted_experiment_trains_without_a_backbone(tmp_path):
+    """experiment=planted: stored activations through the same module, buffer and Trainer; no backbone."""
+    from sae_lightning.training import train
+
+    cfg = compose_config(["experiment=planted", f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path}",
+                          "max_steps=20", "data.activations.n=4096", "trainer.enable_progress_bar=false"])
+    train(cfg)
+    sae = SparseAutoencoder.load(tmp_path / "sae")
+    assert (sae.d_in, sae.d_sae) == (256, 1024)
+    assert (tmp_path / "planted.safetensors").is_file()
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 20
