@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)  ## train the demo SAE offline on CPU, then evaluate it
+demo: $(STAMP)  ## train the demo SAE offline on CPU (a fresh outputs/demo each time), then evaluate it
+	rm -rf outputs/demo
 	$(PY) train.py experiment=demo hydra.run.dir=outputs/demo
 	$(PY) evaluate.py run=outputs/demo num_workers=2
 
