@@ -81,8 +81,9 @@ class FeatureDensity(Metric):
 
     def __init__(self, d_sae: int, **kwargs):
         super().__init__(**kwargs)
-        self.add_state("fired", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        # persistent: a resumed run continues its density window instead of starting a partial one
+        self.add_state("fired", torch.zeros(d_sae, dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
+        self.add_state("n", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum", persistent=True)
 
     def update(self, fire_counts: torch.Tensor, n_inputs: int) -> None:
         """`fire_counts[i]`: how many of the `n_inputs` inputs fired feature i (the step computes it once)."""

@@ -109,7 +109,10 @@ class SAETrainingModule(LightningModule):
 
         F_sae.normalise_decoder_rows(self.sae.W_dec)
         out = self.sae.loss(x, dead_mask=self.dead_mask())
-        if not torch.isfinite(out.total):
+        non_finite = (~torch.isfinite(out.total)).float()
+        if self.trainer.world_size > 1:  # every rank stops together, none waits forever in a collective
+            non_finite = self.trainer.strategy.reduce(non_finite, reduce_op="sum")
+        if non_finite:
             raise FloatingPointError(
                 f"The SAE loss became {out.total.item()} at step {self.global_step} (mse={out.mse.item():.4g}, "
                 f"l1={out.l1.item():.4g}, ghost={out.ghost.item():.4g}). Nothing was updated; the last "

@@ -41,11 +41,15 @@ def sae_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
     }
 
 
-def total_steps(cfg: DictConfig, tokens_per_image: int) -> int:
-    """`max_steps` if set, else enough SAE steps to see `training_images` images once each."""
+def total_steps(cfg: DictConfig, tokens_per_image: int, world_size: int = 1) -> int:
+    """`max_steps` if set, else enough SAE steps to see `training_images` images once each.
+
+    `sae_batch_size` is per device: with DDP every rank takes its own batch, so a step sees world_size
+    batches and the same number of images takes world_size times fewer steps.
+    """
     if cfg.max_steps:
         return int(cfg.max_steps)
-    return math.ceil(cfg.training_images * tokens_per_image / cfg.sae_batch_size)
+    return math.ceil(cfg.training_images * tokens_per_image / (cfg.sae_batch_size * world_size))
 
 
 def build_data(cfg: DictConfig):
@@ -74,8 +78,9 @@ def train(cfg: DictConfig) -> Path:
     module = instantiate(cfg.module, sae=sae, _convert_="all")  # plain types in checkpoints
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1))
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, max_steps=steps)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1), trainer.world_size)
+    trainer.fit_loop.epoch_loop.max_steps = steps
     source = f"{backbone.name} layer {datamodule.layer} ({datamodule.tokens} tokens)" if backbone else "activations"
     log.info("Training a %d x %d SAE on %s for %d steps; outputs in %s", d_in, sae.d_sae, source, steps, output_dir)
     log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))

@@ -23,6 +23,7 @@ from sae_lightning.data.shards import expand_shards, image_loader, load_classnam
 
 log = logging.getLogger(__name__)
 
+MIN_BUFFER_IMAGES = 1024  # below this many images' worth of tokens, the buffer mixes too little
 AUTOCAST_DTYPES = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
 
 NO_SHARDS_MESSAGE = (
@@ -86,6 +87,12 @@ class ImageActivationDataModule(ActivationStreamMixin, LightningDataModule):
         self.num_workers, self.shuffle, self.shardshuffle = num_workers, shuffle, shardshuffle
         self.resampled, self.autocast, self.pin_memory, self.seed = resampled, autocast, pin_memory, seed
         self._init_stream(sae_batch_size, buffer_size, seed)
+        if buffer_size / self.tokens_per_image < MIN_BUFFER_IMAGES:
+            log.warning(
+                "The shuffle buffer holds %d activations = the tokens of only %d images (tokens=%s): SAE batches "
+                "will mix few images. Raise data.buffer_size (e.g. %d; %.1f GiB at d=%d).", buffer_size,
+                buffer_size // self.tokens_per_image, tokens, MIN_BUFFER_IMAGES * self.tokens_per_image,
+                MIN_BUFFER_IMAGES * self.tokens_per_image * backbone.width * 4 / 2**30, backbone.width)
         self.images_seen = 0
         self.samples_skipped = 0
 
