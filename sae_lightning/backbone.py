@@ -93,17 +93,24 @@ def resolve_model_args(name: str, pretrained: str | None, quick_gelu: bool | Non
     return {"model_name": name, "pretrained": pretrained, "force_quick_gelu": force}
 
 
+def resolve_layer_index(name: str, layer: int, n_layers: int) -> int:
+    """Map a (possibly negative) block index to 0..n_layers-1, or fail with the valid range."""
+    if not -n_layers <= layer < n_layers:
+        raise ValueError(
+            f"layer={layer} is outside {name!r}, which has {n_layers} residual blocks: use 0..{n_layers - 1} "
+            f"(or -{n_layers}..-1 from the end)."
+        )
+    return layer % n_layers
+
+
 def check_layer(name: str, layer: int) -> None:
     """Fail on an impossible `layer` from the model's config alone, before any weights are downloaded."""
     if name.startswith(HF_HUB_PREFIX):
         return
     config = open_clip.get_model_config(name) or {}
     n_layers = (config.get("vision_cfg") or {}).get("layers")
-    if isinstance(n_layers, int) and not -n_layers <= layer < n_layers:
-        raise ValueError(
-            f"layer={layer} is outside {name!r}, which has {n_layers} residual blocks: use 0..{n_layers - 1} "
-            f"(or -{n_layers}..-1 from the end)."
-        )
+    if isinstance(n_layers, int):
+        resolve_layer_index(name, layer, n_layers)
 
 
 class Backbone(nn.Module):
@@ -145,12 +152,7 @@ class Backbone(nn.Module):
 
     def resolve_layer(self, layer: int) -> int:
         """Map a (possibly negative) block index to 0..n_layers-1, or fail with the valid range."""
-        if not -self.n_layers <= layer < self.n_layers:
-            raise ValueError(
-                f"layer={layer} is outside {self.name!r}, which has {self.n_layers} residual blocks: "
-                f"use 0..{self.n_layers - 1} (or -{self.n_layers}..-1 from the end)."
-            )
-        return layer % self.n_layers
+        return resolve_layer_index(self.name, layer, self.n_layers)
 
     def n_tokens_for(self, tokens: str) -> int:
         """Activations per image for a token selection."""
