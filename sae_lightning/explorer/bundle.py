@@ -1,0 +1,418 @@
+"""The explorer's data bundle, `<eval>/explorer/` (docs/explorer.md): written once at the end of evaluation.
+
+`write_explorer_bundle` reads what evaluation already wrote (features.safetensors/json) and adds what the app
+needs: JPEG thumbnails of every top image and of a held-out game set in one SQLite file, per-feature
+activation histograms on fixed bins, cosines with the hooked block's MLP neurons, nearest features by decoder
+cosine, auto labels (optional), the game set's sparse SAE activations and image embeddings for the game's
+machine player (sae_lightning.explorer.game). Everything over F x F or F x H is computed in chunks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import webdataset as wds
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.nn.functional import normalize
+
+from sae_lightning.backbone import select_tokens
+from sae_lightning.data.shards import decode_samples
+from sae_lightning.evaluation.fetch import sample_key, thumbnail
+
+log = logging.getLogger(__name__)
+
+BUNDLE_VERSION = 1
+BUNDLE_DIR = "explorer"
+GRID_SIZE = 16
+# fixed histogram bins for every feature: log10(activation) in [HIST_LOW, HIST_HIGH], values outside clamp
+# into the end bins; only f > 0 is counted (the zeros are (1 - density) * n_tokens)
+HIST_LOW, HIST_HIGH, HIST_BINS = -4.0, 3.0, 56
+MLP_COSINE_SCALE = 127.0  # int8 storage: cosine ~= q / 127
+
+
+def hist_edges() -> np.ndarray:
+    """The HIST_BINS + 1 bin edges in log10(activation)."""
+    return np.linspace(HIST_LOW, HIST_HIGH, HIST_BINS + 1)
+
+
+class ActivationHistogram:
+    """Per-feature counts of f > 0 on fixed log10 bins, accumulated batch by batch: counts [F, HIST_BINS]."""
+
+    def __init__(self, n_features: int, device: torch.device | str = "cpu") -> None:
+        self.n_features = n_features
+        self.counts = torch.zeros(n_features * HIST_BINS, dtype=torch.long, device=device)
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def update(self, acts: torch.Tensor) -> None:
+        """acts: [..., F] activations of any number of tokens."""
+        acts = acts.reshape(-1, self.n_features).to(self.counts.device)
+        self.n_tokens += acts.shape[0]
+        rows, cols = torch.nonzero(acts > 0, as_tuple=True)
+        if rows.numel() == 0:
+            return
+        width = (HIST_HIGH - HIST_LOW) / HIST_BINS
+        b = ((torch.log10(acts[rows, cols].double()) - HIST_LOW) / width).floor().long().clamp_(0, HIST_BINS - 1)
+        self.counts += torch.bincount(cols * HIST_BINS + b, minlength=self.counts.numel())
+
+    def compute(self) -> torch.Tensor:
+        """[F, HIST_BINS] int32."""
+        return self.counts.view(self.n_features, HIST_BINS).to(torch.int32).cpu()
+
+
+@torch.no_grad()
+def mlp_cosines(encoder_vectors: torch.Tensor, neurons: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Cosine of every feature's encoder vector with every MLP out vector, int8-quantised (q / 127).
+
+    encoder_vectors: [F, d] (W_enc columns); neurons: [H, d]. Returns [F, H] int8 on the CPU; the float
+    matrix is only ever [chunk, H].
+    """
+    m = normalize(neurons.float(), dim=1)
+    out = torch.empty(encoder_vectors.shape[0], m.shape[0], dtype=torch.int8)
+    for start in range(0, encoder_vectors.shape[0], chunk):
+        cos = normalize(encoder_vectors[start : start + chunk].float().to(m.device), dim=1) @ m.T
+        out[start : start + chunk] = (cos * MLP_COSINE_SCALE).round().clamp(-127, 127).to(torch.int8).cpu()
+    return out
+
+
+@torch.no_grad()
+def nearest_features(decoder: torch.Tensor, n: int = 10, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n features with the largest decoder cosine to each feature (itself excluded).
+
+    decoder: [F, d] (W_dec rows). Returns (indices [F, n] int32, cosines [F, n] float32), descending.
+    The F x F cosine matrix is only ever [chunk, F].
+    """
+    w = normalize(decoder.float(), dim=1)
+    f = w.shape[0]
+    n = min(n, f - 1)
+    idx_out = torch.empty(f, n, dtype=torch.int32)
+    cos_out = torch.empty(f, n, dtype=torch.float32)
+    for start in range(0, f, chunk):
+        cos = w[start : start + chunk] @ w.T
+        rows = torch.arange(cos.shape[0], device=cos.device)
+        cos[rows, rows + start] = -math.inf
+        values, indices = torch.topk(cos, n, dim=1)
+        idx_out[start : start + chunk] = indices.int().cpu()
+        cos_out[start : start + chunk] = values.cpu()
+    return idx_out, cos_out
+
+
+def jpeg_bytes(image: PIL.Image.Image, size: int, quality: int = 85) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(thumbnail(image, size)).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+class ThumbnailStore:
+    """One SQLite file, table `thumbnails(key TEXT PRIMARY KEY, jpeg BLOB) WITHOUT ROWID`."""
+
+    def __init__(self, path: str | Path, write: bool = False) -> None:
+        self.path = Path(path)
+        if write:
+            self.db = sqlite3.connect(self.path)
+            self.db.execute("PRAGMA journal_mode=OFF")
+            self.db.execute("CREATE TABLE IF NOT EXISTS thumbnails (key TEXT PRIMARY KEY, jpeg BLOB NOT NULL) "
+                            "WITHOUT ROWID")
+        else:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no thumbnail store at {self.path}")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
+    def put_many(self, rows: Iterable[tuple[str, bytes]]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO thumbnails VALUES (?, ?)", rows)
+        self.db.commit()
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            marks = ",".join("?" * len(part))
+            found.update(self.db.execute(f"SELECT key, jpeg FROM thumbnails WHERE key IN ({marks})", part))
+        return found
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM thumbnails").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def _raw_samples(urls: list[str], keep=None) -> wds.DataPipeline:
+    stages = [wds.SimpleShardList(list(urls)), wds.tarfile_to_samples(handler=wds.warn_and_continue)]
+    if keep is not None:
+        stages.append(wds.select(lambda s: sample_key(s) in keep))
+    return wds.DataPipeline(*stages)
+
+
+def _embed(backbone, images: list[PIL.Image.Image], device: torch.device) -> torch.Tensor:
+    batch = torch.stack([backbone.preprocess(im) for im in images]).to(device)
+    return normalize(backbone.encode_image(batch).float(), dim=1).cpu()
+
+
+@dataclass
+class GameSet:
+    keys: list[str]
+    labels: list[int]
+    indptr: torch.Tensor  # [n + 1] int64 (CSR rows)
+    features: torch.Tensor  # [nnz] int32
+    values: torch.Tensor  # [nnz] float32
+    embeddings: torch.Tensor  # [n, D] float32, normalised
+    thumbs: dict[str, bytes]
+
+
+@torch.no_grad()
+def _held_out_pass(backbone, sae, urls, *, layer, tokens, exclude: set[str], n_game: int, n_hist_images: int,
+                   batch_size: int, size: int, device: torch.device, hist: ActivationHistogram | None) -> GameSet:
+    """Stream the shards in order: histogram over n_hist_images images, the first n_game images whose key is
+    not a top image become the game set (their per-image activation: max over the hooked tokens)."""
+    keys, labels, thumbs, pending, embeds = [], [], {}, [], []
+    indptr, feats, vals = [0], [], []
+    seen = 0
+
+    def flush(items):
+        nonlocal seen
+        images = torch.stack([backbone.preprocess(it.image) for it in items]).to(device)
+        acts = sae.encode(select_tokens(backbone.residual(images, layer), tokens).float())  # [B(, T), F]
+        if hist is not None and seen < n_hist_images:
+            hist.update(acts[: n_hist_images - seen])
+        seen += len(items)
+        rows = [i for i, it in enumerate(items) if it.key not in exclude][: n_game - len(keys)]
+        if not rows:
+            return
+        per_image = acts.amax(1) if acts.dim() == 3 else acts  # [B, F]
+        emb = normalize(backbone.encode_image(images[rows]).float(), dim=1).cpu()
+        for row, i in enumerate(rows):
+            it = items[i]
+            nz = torch.nonzero(per_image[i] > 0).squeeze(1)
+            feats.append(nz.int().cpu())
+            vals.append(per_image[i, nz].float().cpu())
+            indptr.append(indptr[-1] + nz.numel())
+            keys.append(it.key)
+            labels.append(it.label)
+            thumbs[it.key] = jpeg_bytes(it.image, size)
+            embeds.append(emb[row])
+
+    samples = decode_samples(_raw_samples(urls), lambda im: im)
+    for item in samples:
+        if item is None:
+            continue
+        pending.append(item)
+        if len(pending) == batch_size:
+            flush(pending)
+            pending = []
+        if len(keys) >= n_game and seen >= n_hist_images:
+            break
+    if pending and (len(keys) < n_game or seen < n_hist_images):
+        flush(pending)
+    if len(keys) < n_game:
+        log.warning("the held-out shards gave only %d game images (not top images) of the %d asked for",
+                    len(keys), n_game)
+    return GameSet(keys, labels, torch.tensor(indptr, dtype=torch.long),
+                   torch.cat(feats) if feats else torch.zeros(0, dtype=torch.int32),
+                   torch.cat(vals) if vals else torch.zeros(0),
+                   torch.stack(embeds) if embeds else torch.zeros(0, 1), thumbs)
+
+
+def _fetch_top_images(urls, wanted: set[str], embed_keys: set[str], backbone, store: ThumbnailStore, size: int,
+                      device: torch.device, batch_size: int) -> dict[str, torch.Tensor]:
+    """Thumbnails of `wanted` into the store (a decode-only-what-is-needed pass); embeddings of `embed_keys`."""
+    embeddings: dict[str, torch.Tensor] = {}
+    rows, to_embed, found = [], [], 0
+    for item in decode_samples(_raw_samples(urls, wanted), lambda im: im):
+        if item is None:
+            continue
+        rows.append((item.key, jpeg_bytes(item.image, size)))
+        found += 1
+        if item.key in embed_keys:
+            to_embed.append(item)
+        if len(rows) >= 2048:
+            store.put_many(rows)
+            rows = []
+        if len(to_embed) >= batch_size:
+            embeddings.update(zip([t.key for t in to_embed], _embed(backbone, [t.image for t in to_embed], device)))
+            to_embed = []
+        if found == len(wanted):
+            break
+    store.put_many(rows)
+    if to_embed:
+        embeddings.update(zip([t.key for t in to_embed], _embed(backbone, [t.image for t in to_embed], device)))
+    if found < len(wanted):
+        log.warning("%d of %d top images were not found in the shards", len(wanted) - found, len(wanted))
+    return embeddings
+
+
+def read_features(eval_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """features.safetensors + features.json of an evaluation (docs/format-eval.md)."""
+    st, meta = eval_dir / "features.safetensors", eval_dir / "features.json"
+    if not st.is_file() or not meta.is_file():
+        raise FileNotFoundError(f"{eval_dir} has no features.safetensors/features.json: run evaluate.py first")
+    return load_file(str(st)), json.loads(meta.read_text())
+
+
+@torch.no_grad()
+def write_explorer_bundle(eval_dir: str | Path, sae, backbone, *, layer: int, tokens: str, shards: list[str],
+                          n_game: int = 1000, n_hist_images: int = 10_000, histograms: torch.Tensor | None = None,
+                          auto_labels: dict[int, str] | None = None, n_neighbours: int = 10,
+                          thumb_size: int = 128, batch_size: int = 64, device: str | torch.device = "cpu",
+                          seed: int = 0, chunk: int = 1024) -> dict[str, Any]:
+    """Write `<eval_dir>/explorer/` and return the game metric (explorer.game.game_metric on the bundle).
+
+    Call after evaluation wrote features.safetensors/json. `shards`: the held-out shard URLs (top images are
+    fetched from them by key; the game set is their first `n_game` images, in shard order, that are not a top
+    image of any feature). `histograms`: [F, HIST_BINS] counts from an ActivationHistogram fed during the
+    evaluation pass; None computes them over the first `n_hist_images` images of the shards instead.
+    `auto_labels`: feature id -> text, optional.
+    """
+    from sae_lightning.explorer.game import game_metric
+
+    eval_dir = Path(eval_dir)
+    tensors, meta = read_features(eval_dir)
+    n_features = int(meta["n_features"])
+    if sae.d_sae != n_features:
+        raise ValueError(f"the SAE has {sae.d_sae} features but {eval_dir}/features.json has {n_features}")
+    if histograms is not None and tuple(histograms.shape) != (n_features, HIST_BINS):
+        raise ValueError(f"histograms must be [{n_features}, {HIST_BINS}], got {list(histograms.shape)}")
+    if n_game < 8:
+        raise ValueError(f"n_game={n_game}: the game needs at least 8 images (1 + 7 candidates)")
+    device = torch.device(device)
+    out = eval_dir / BUNDLE_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    db_path = out / "thumbnails.sqlite"
+    db_path.unlink(missing_ok=True)
+    store = ThumbnailStore(db_path, write=True)
+
+    top_keys = set(meta["image_keys"].values())
+    hist = ActivationHistogram(n_features, device) if histograms is None else None
+    game = _held_out_pass(backbone, sae, shards, layer=layer, tokens=tokens, exclude=top_keys, n_game=n_game,
+                          n_hist_images=n_hist_images if histograms is None else 0, batch_size=batch_size,
+                          size=thumb_size, device=device, hist=hist)
+    store.put_many(game.thumbs.items())
+    counts = histograms.to(torch.int32).cpu() if histograms is not None else hist.compute()
+
+    # top images the machine player needs: top-16 of every feature in some game image's top 5
+    top_idx = tensors["top_indices"][:, :GRID_SIZE]
+    game_feats = set()
+    for i in range(len(game.keys)):
+        lo, hi = int(game.indptr[i]), int(game.indptr[i + 1])
+        order = torch.argsort(game.values[lo:hi], descending=True)[:5]
+        game_feats.update(game.features[lo:hi][order].tolist())
+    embed_keys = {meta["image_keys"][str(i)] for f in game_feats for i in top_idx[f].tolist() if i >= 0}
+    # the random-feature baseline draws from every live feature: embed their grids too (cheap on small runs,
+    # capped to the features in the game's top-5 plus 512 random live ones at scale)
+    live = torch.nonzero(tensors["top_indices"][:, 0] >= 0).squeeze(1)
+    gen = torch.Generator().manual_seed(seed)
+    extra = live[torch.randperm(live.numel(), generator=gen)[:512]].tolist()
+    embed_keys |= {meta["image_keys"][str(i)] for f in extra for i in top_idx[f].tolist() if i >= 0}
+    embeddings = _fetch_top_images(shards, top_keys, embed_keys, backbone, store, thumb_size, device, batch_size)
+    store.close()
+
+    log.info("explorer: MLP cosines and nearest features of %d features (chunked)", n_features)
+    neurons = backbone.mlp_out_vectors(layer)
+    cos_q = mlp_cosines(sae.W_enc.detach().T, neurons, chunk=4 * chunk)
+    save_file({"mlp_cosine_q": cos_q}, str(out / "mlp_cosines.safetensors"))
+    nn_idx, nn_cos = nearest_features(sae.W_dec.detach(), n_neighbours, chunk=chunk)
+
+    embed_list = sorted(embeddings)
+    arrays = {
+        "hist_counts": counts,
+        "neighbour_indices": nn_idx,
+        "neighbour_cosines": nn_cos,
+        "game_indptr": game.indptr,
+        "game_features": game.features,
+        "game_values": game.values,
+        "game_labels": torch.tensor(game.labels, dtype=torch.long),
+        "game_embeddings": game.embeddings.half(),
+        "top_embeddings": (torch.stack([embeddings[k] for k in embed_list]) if embed_list
+                           else torch.zeros(0, game.embeddings.shape[1])).half(),
+    }
+    save_file({k: v.contiguous() for k, v in arrays.items()}, str(out / "explorer.safetensors"))
+    info = {
+        "format_version": BUNDLE_VERSION,
+        "n_features": n_features,
+        "n_neurons": int(neurons.shape[0]),
+        "n_game": len(game.keys),
+        "n_thumbnails": len(top_keys) + len(game.keys),
+        "thumb_size": thumb_size,
+        "layer": layer,
+        "tokens": tokens,
+        "hist_bins_log10": hist_edges().tolist(),
+        "hist_n_tokens": None if hist is None else hist.n_tokens,
+        "mlp_cosine_scale": MLP_COSINE_SCALE,
+        "n_neighbours": int(nn_idx.shape[1]),
+        "game_keys": game.keys,
+        "top_embedding_keys": embed_list,
+        "baseline_features": extra,
+        "auto_labels": {str(k): v for k, v in auto_labels.items()} if auto_labels else None,
+        "seed": seed,
+    }
+    (out / "bundle.json").write_text(json.dumps(info) + "\n")
+    return game_metric(eval_dir, seed=seed)
+
+
+class Bundle:
+    """Read side for the app: the per-feature table, the bundle arrays and lazy MLP-cosine rows."""
+
+    def __init__(self, eval_dir: str | Path) -> None:
+        self.eval_dir = Path(eval_dir)
+        self.dir = self.eval_dir / BUNDLE_DIR
+        if not (self.dir / "bundle.json").is_file():
+            raise FileNotFoundError(f"{self.dir}/bundle.json not found: evaluate the run with the explorer "
+                                    f"bundle (python evaluate.py run=<run>) first")
+        self.info = json.loads((self.dir / "bundle.json").read_text())
+        if self.info.get("format_version") != BUNDLE_VERSION:
+            raise ValueError(f"{self.dir}: bundle format {self.info.get('format_version')}, this app reads "
+                             f"{BUNDLE_VERSION}: re-run evaluate.py")
+        self.features = load_file(str(self.eval_dir / "features.safetensors"))
+        self.meta = json.loads((self.eval_dir / "features.json").read_text())
+        metrics = self.eval_dir / "metrics.json"
+        self.metrics = json.loads(metrics.read_text()) if metrics.is_file() else {}
+        self.arrays = load_file(str(self.dir / "explorer.safetensors"))
+        self._cosines = safe_open(str(self.dir / "mlp_cosines.safetensors"), "pt")
+        self.thumbs = ThumbnailStore(self.dir / "thumbnails.sqlite")
+        self.classnames: list[str] | None = self.meta.get("classnames")
+        self.n_features = int(self.info["n_features"])
+        self.game_keys: list[str] = self.info["game_keys"]
+
+    def label_name(self, label: int) -> str:
+        if self.classnames and 0 <= label < len(self.classnames):
+            return self.classnames[label]
+        return "unlabelled" if label < 0 else f"label {label}"
+
+    def auto_label(self, f: int) -> str | None:
+        labels = self.info.get("auto_labels") or {}
+        return labels.get(str(f))
+
+    def mlp_cosine(self, f: int) -> np.ndarray:
+        """[H] cosines of feature f's encoder vector with every MLP neuron (read lazily, one row)."""
+        row = self._cosines.get_slice("mlp_cosine_q")[f : f + 1]
+        return row[0].float().numpy() / self.info["mlp_cosine_scale"]
+
+    def top_images(self, f: int, n: int = GRID_SIZE) -> list[tuple[str, float, int]]:
+        """(key, activation, label) of feature f's filled top slots, descending."""
+        out = []
+        for i, v, lab in zip(self.features["top_indices"][f, :n].tolist(), self.features["top_values"][f, :n].tolist(),
+                             self.features["top_labels"][f, :n].tolist()):
+            if i < 0:
+                break
+            out.append((self.meta["image_keys"][str(i)], v, lab))
+        return out
+
+    def game_activations(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Game image i's firing features and their activations (sparse row), by descending activation."""
+        lo, hi = int(self.arrays["game_indptr"][i]), int(self.arrays["game_indptr"][i + 1])
+        feats = self.arrays["game_features"][lo:hi].numpy()
+        vals = self.arrays["game_values"][lo:hi].numpy()
+        order = np.argsort(-vals, kind="stable")
+        return feats[order], vals[order]
