@@ -1,7 +1,9 @@
-"""Generated demo shards: one coloured shape per image on a varied background, label = (colour, shape).
+"""Generated demo shards: scenes of 1-3 coloured shapes (sae_lightning.world.scenes) with known attributes.
 
-The demo must run offline, so its data is drawn here. The classes are easy for a CLIP model to separate
-and the backgrounds vary, so an SAE trained on the demo has something to find. Same seed, same bytes.
+The demo must run offline, so its data is drawn here. Each sample holds the image, its label (the main
+object's "colour shape"), a caption and the full attribute record (docs/format-scenes.md), so everything an
+SAE finds can be checked against the truth. Same seed, same bytes; train and val come from independent
+random streams.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import tempfile
 import zlib
@@ -20,27 +21,17 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import PIL.ImageDraw
 import webdataset as wds
 
-from sae_lightning.data.shards import CLASSNAMES_FILE
+from sae_lightning.data.shards import CLASSNAMES_FILE, expand_shards
+from sae_lightning.world.scenes import CLASSNAMES, SCENE_VERSION, make_scene
 
 log = logging.getLogger(__name__)
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 35, 35),
-    "green": (35, 165, 55),
-    "blue": (35, 75, 215),
-    "yellow": (235, 210, 35),
-    "purple": (135, 55, 185),
-    "orange": (240, 135, 25),
-}
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "ring")
-DEMO_CLASSNAMES: list[str] = [f"{colour} {shape}" for colour in COLOURS for shape in SHAPES]
+DEMO_CLASSNAMES: list[str] = list(CLASSNAMES)
 
 MARKER_FILE = "_demo_complete.json"
 _FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
-_SUPERSAMPLE = 2
 _MAX_DEMO_SHARDS = 8
 _MAX_DEMO_SHARD_SIZE = 256
 
@@ -48,68 +39,6 @@ _MAX_DEMO_SHARD_SIZE = 256
 def _split_rng(seed: int, split: str) -> np.random.Generator:
     """Independent stream per (seed, split): train and val never share images."""
     return np.random.default_rng([seed, zlib.crc32(split.encode())])
-
-
-def _muted_colour(rng: np.random.Generator) -> np.ndarray:
-    """A greyish colour with a faint tint: saturated shape colours always stand out from it."""
-    return rng.uniform(30, 225) + rng.uniform(-25, 25, size=3)
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    kind = rng.integers(3)
-    if kind == 0:
-        image = np.broadcast_to(_muted_colour(rng), (size, size, 3)).astype(np.float32)
-    elif kind == 1:
-        angle = rng.uniform(0, 2 * math.pi)
-        yy, xx = np.mgrid[0:size, 0:size]
-        t = xx * math.cos(angle) + yy * math.sin(angle)
-        t = ((t - t.min()) / max(np.ptp(t), 1e-6))[..., None]
-        image = _muted_colour(rng) * (1 - t) + _muted_colour(rng) * t
-    else:
-        cell = int(rng.choice([1, 2, 4, 8]))
-        coarse = rng.normal(0, rng.uniform(10, 40), size=(-(-size // cell), -(-size // cell), 1))
-        image = _muted_colour(rng) + np.kron(coarse, np.ones((cell, cell, 1)))[:size, :size]
-    grain = rng.normal(0, rng.uniform(0, 12), size=(size, size, 3))
-    return np.clip(image + grain, 0, 255).astype(np.uint8)
-
-
-def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
-    if shape == "cross":
-        w = 0.3
-        local = [(w, 1), (w, w), (1, w), (1, -w), (w, -w), (w, -1),
-                 (-w, -1), (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1)]
-        polar = [(math.hypot(x, y), math.atan2(y, x)) for x, y in local]
-    else:
-        corners = {"square": 4, "triangle": 3, "star": 10}[shape]
-        radii = [1.0, 0.45] * 5 if shape == "star" else [1.0] * corners
-        polar = [(radii[k], 2 * math.pi * k / corners) for k in range(corners)]
-    return [
-        (cx + r * rho * math.cos(phi + angle), cy + r * rho * math.sin(phi + angle))
-        for rho, phi in polar
-    ]
-
-
-def _draw_shape(image: PIL.Image.Image, rng: np.random.Generator, colour: str, shape: str) -> None:
-    size = image.width
-    r = rng.uniform(0.16, 0.34) * size
-    cx, cy = rng.uniform(r, size - r, size=2)
-    fill = tuple(int(c) for c in np.clip(np.array(COLOURS[colour]) + rng.integers(-20, 21, size=3), 0, 255))
-    draw = PIL.ImageDraw.Draw(image)
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "ring":
-        draw.ellipse(box, outline=fill, width=max(2, round(0.32 * r)))
-    else:
-        draw.polygon(_polygon(shape, cx, cy, r, rng.uniform(0, 2 * math.pi)), fill=fill)
-
-
-def demo_image(rng: np.random.Generator, label: int, image_size: int) -> PIL.Image.Image:
-    """Draw one demo image of class `label` (drawn at 2x and downsampled for smooth edges)."""
-    colour, shape = DEMO_CLASSNAMES[label].split(" ")
-    big = PIL.Image.fromarray(_background(rng, image_size * _SUPERSAMPLE))
-    _draw_shape(big, rng, colour, shape)
-    return big.resize((image_size, image_size), PIL.Image.Resampling.BOX)
 
 
 def _encode(image: PIL.Image.Image, fmt: str) -> bytes:
@@ -135,7 +64,9 @@ def write_demo_shards(
     seed: int = 0,
     fmt: str = "jpg",
 ) -> list[str]:
-    """Write `out_dir/{split}-%06d.tar` demo shards and `classnames.txt`; return the shard paths.
+    """Write `out_dir/{split}-%06d.tar` scene shards and `classnames.txt`; return the shard paths.
+
+    Each sample: `<key>.<fmt>` image, `<key>.cls` label, `<key>.txt` caption, `<key>.json` attribute record.
 
     Shards are written in a temporary directory and moved in at the end, replacing older shards of the
     split, so an interrupted run never leaves a mix of old and new shards.
@@ -147,14 +78,19 @@ def write_demo_shards(
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = _split_rng(seed, split)
-    labels = rng.integers(len(DEMO_CLASSNAMES), size=n_images)
     with tempfile.TemporaryDirectory(prefix=f".{split}-", dir=out_dir) as tmp:
         written: list[str] = []
         pattern = f"{tmp}/{split}-%06d.tar"
         with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, post=written.append) as sink:
-            for i, label in enumerate(labels):
-                image = demo_image(rng, int(label), image_size)
-                sink.write({"__key__": f"{split}_{i:08d}", fmt: _encode(image, fmt), "cls": int(label)})
+            for i in range(n_images):
+                image, record = make_scene(rng, image_size)
+                sink.write({
+                    "__key__": f"{split}_{i:08d}",
+                    fmt: _encode(image, fmt),
+                    "cls": int(record["label"]),
+                    "txt": record["caption"],
+                    "json": json.dumps(record, sort_keys=True).encode("utf-8"),
+                })
         for stale in out_dir.glob(f"{split}-*.tar"):
             stale.unlink()
         shards = [str(out_dir / Path(name).name) for name in written]
@@ -214,7 +150,8 @@ def ensure_demo_shards(
     """
     root = Path(root).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
-    params = {"n_train": n_train, "n_val": n_val, "image_size": image_size, "seed": seed, "version": 1}
+    params = {"n_train": n_train, "n_val": n_val, "image_size": image_size, "seed": seed,
+              "version": SCENE_VERSION + 1}
     with _exclusive(root / ".demo.lock"):
         marker = _read_marker(root)
         if not _is_complete(marker, params, root):
@@ -233,8 +170,24 @@ def ensure_demo_shards(
     return train, val
 
 
+def read_attribute_records(shards: str | list[str]) -> dict[str, dict]:
+    """The attribute records of scene shards, keyed like the shard reader's keys: `<shard basename>/<key>`.
+
+    `shards` is a brace/glob pattern or a list of paths (e.g. the val shards). Samples without a record
+    (not scene shards) raise, since every key the reader yields must have its truth.
+    """
+    records: dict[str, dict] = {}
+    for url in expand_shards(shards):
+        for sample in wds.WebDataset(url, shardshuffle=False, empty_check=False):
+            key = f"{os.path.basename(url)}/{sample['__key__']}"
+            if "json" not in sample:
+                raise ValueError(f"{key} has no attribute record (.json): not a scene shard (docs/format-scenes.md)")
+            records[key] = json.loads(sample["json"])
+    return records
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate the offline demo image shards (coloured shapes).")
+    parser = argparse.ArgumentParser(description="Generate the offline demo scene shards (coloured shapes).")
     parser.add_argument("--out", default="data/demo", help="output directory")
     parser.add_argument("--n-train", type=int, default=4096)
     parser.add_argument("--n-val", type=int, default=512)
