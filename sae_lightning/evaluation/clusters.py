@@ -5,6 +5,11 @@ the lower band holds almost all features and is the "ultra-low density" cluster)
 1D Gaussian mixture by EM on that axis over live features, initialised at Otsu's threshold, and call the
 lower-mean component the cluster. Bimodality is required: Ashman's D = sqrt(2)|mu1 - mu2| / sqrt(s1^2 + s2^2)
 must exceed `min_separation` (2 = clean separation), else no cluster is reported.
+
+Membership is a threshold, monotone in the activation: the cluster is every live feature below the mixture's
+decision boundary between the two component means (where the weighted densities are equal). A posterior
+"> 0.5" is not monotone: when the low component is the wider one it wins again far above the high band and
+would send the strongest features into the low cluster.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import Tensor
 class ClusterResult:
     in_cluster: Tensor  # [F] bool, False for dead / undefined features
     found: bool
-    threshold: float  # on log10 mean top activation (NaN when not found)
+    threshold: float  # decision boundary on log10 mean top activation; members lie below it (NaN: not found)
     means: tuple[float, float]  # component means (low, high)
     stds: tuple[float, float]
     weights: tuple[float, float]
@@ -70,6 +75,37 @@ def gaussian_mixture_1d(x: Tensor, init_threshold: float, iters: int = 200, tol:
     return mu, var.sqrt(), pi, r
 
 
+def decision_boundary(means: Tensor, stds: Tensor, weights: Tensor) -> float:
+    """The point between the two component means where pi_0 N(x; mu_0, s_0) = pi_1 N(x; mu_1, s_1).
+
+    means, stds, weights: [2] with means[0] <= means[1]. The log ratio of the weighted densities is a
+    quadratic a x^2 + b x + c; of its roots in [mu_0, mu_1] the lowest is taken (the first point going up
+    where the high component takes over). Without a root there (one component dominates the whole
+    interval) the boundary is the end of the interval the low component does not reach: mu_1 if the low
+    component dominates, mu_0 if the high one does.
+    """
+    mu0, mu1 = float(means[0]), float(means[1])
+    v0, v1 = float(stds[0]) ** 2, float(stds[1]) ** 2
+    lw0, lw1 = math.log(float(weights[0])), math.log(float(weights[1]))
+
+    def log_ratio(x: float) -> float:  # log(pi_0 N_0(x)) - log(pi_1 N_1(x))
+        return (lw0 - 0.5 * math.log(v0) - (x - mu0) ** 2 / (2 * v0)) - (
+            lw1 - 0.5 * math.log(v1) - (x - mu1) ** 2 / (2 * v1))
+
+    a = 1 / (2 * v1) - 1 / (2 * v0)
+    b = mu0 / v0 - mu1 / v1
+    c = mu1**2 / (2 * v1) - mu0**2 / (2 * v0) + lw0 - lw1 - 0.5 * math.log(v0 / v1)
+    if abs(a) < 1e-12:
+        roots = [-c / b] if b != 0 else []
+    else:
+        disc = b * b - 4 * a * c
+        roots = [] if disc < 0 else [(-b - math.sqrt(disc)) / (2 * a), (-b + math.sqrt(disc)) / (2 * a)]
+    inside = sorted(r for r in roots if mu0 <= r <= mu1)
+    if inside:
+        return inside[0]
+    return mu1 if log_ratio(0.5 * (mu0 + mu1)) > 0 else mu0
+
+
 def detect_cluster(log_mean_top: Tensor, live: Tensor, min_separation: float = 2.0) -> ClusterResult:
     """Find the low-activation cluster among live features. log_mean_top: [F] log10 mean top-k activation."""
     mask = live & torch.isfinite(log_mean_top)
@@ -82,11 +118,10 @@ def detect_cluster(log_mean_top: Tensor, live: Tensor, min_separation: float = 2
     lo, hi = (0, 1) if mu[0] <= mu[1] else (1, 0)
     sep = (math.sqrt(2) * abs(mu[0] - mu[1]) / torch.sqrt(sd[0] ** 2 + sd[1] ** 2)).item()
     found = sep > min_separation
-    resp_low = r0 if lo == 0 else 1 - r0
-    members = resp_low > 0.5
+    order = torch.tensor([lo, hi])
+    threshold = decision_boundary(mu[order], sd[order], pi[order]) if found else math.nan
     if found:
-        in_cluster[mask] = members.to(in_cluster.device)
-    threshold = x[members].max().item() if found and members.any() else math.nan
+        in_cluster[mask] = (x < threshold).to(in_cluster.device)
     return ClusterResult(
         in_cluster=in_cluster,
         found=found,

@@ -9,12 +9,15 @@ CE(logits.T, arange)) / 2. With duplicate labels in a batch two prompt rows are 
 seed's choice (the target is the image's own prompt row) so the loss has a floor above zero that is the
 same for all three ways, and the score (a ratio of differences) is comparable across runs with the same
 batch size. The loss depends on the batch size, so aggregates use full batches only (mean of per-batch
-losses); zero-shot top-1 is over all classes and counts every image.
+losses; the seed's batch is 1,024); zero-shot top-1 is over all classes and counts every labelled image.
+The batch-free measure beside it: the mean over images of KL(p_original || p_sae) (and p_ablated), p the
+zero-shot class distribution softmax(logit_scale * img @ class_text.T).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,44 +62,105 @@ def three_way_features(backbone, residual: Tensor, layer: int, tokens: str, reco
 
 
 class ContrastiveAccumulator:
-    """Mean per-batch contrastive loss (full batches only) and zero-shot top-1 over all classes."""
+    """Mean per-batch contrastive loss, zero-shot top-1 and the batch-free KL, fed any number of images.
+
+    Labelled images are buffered and scored in batches of exactly `batch_size` (the loss depends on the
+    batch size, so a remainder smaller than a batch is left out of the loss). Zero-shot accuracy counts
+    every labelled image. The KL divergences need no label: every image counts. Unlabelled images (label
+    -1) are counted, and `compute` says why the loss is undefined when it is.
+    """
 
     def __init__(self, class_features: Tensor, logit_scale: Tensor | float, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"contrastive batch size must be positive, got {batch_size}")
         self.class_features = class_features
         self.logit_scale = float(logit_scale)
         self.batch_size = batch_size
         self.loss_sum = dict.fromkeys(WAYS, 0.0)
         self.correct = dict.fromkeys(WAYS, 0)
+        self.kl_sum = dict.fromkeys(WAYS[1:], 0.0)
         self.n_batches = 0
-        self.n_images = 0
+        self.n_images = 0  # labelled images (zero-shot accuracy)
+        self.n_kl_images = 0  # all images (KL)
+        self.n_unlabelled = 0
+        self._buffer: dict[str, list[Tensor]] = {way: [] for way in (*WAYS, "labels")}
+        self._buffered = 0
+
+    def _log_probs(self, img: Tensor) -> Tensor:
+        """[B, C] log softmax of the zero-shot logits (CLIP's logit scale) of normalised image features."""
+        return torch.log_softmax(self.logit_scale * img @ self.class_features.T, dim=-1)
 
     @torch.no_grad()
     def update(self, features: dict[str, Tensor], labels: Tensor) -> None:
+        """features: way -> [B, e] image features; labels: [B] (-1 = unlabelled)."""
         labels = labels.to(self.class_features.device)
         known = labels >= 0
-        full = labels.shape[0] == self.batch_size and bool(known.all())
+        img = {way: F.normalize(features[way].float(), dim=-1) for way in WAYS}
+        log_p = {way: self._log_probs(img[way]) for way in WAYS}
         for way in WAYS:
-            img = F.normalize(features[way].float(), dim=-1)
-            pred = (img[known] @ self.class_features.T).argmax(-1)
+            pred = log_p[way][known].argmax(-1)
             self.correct[way] += int((pred == labels[known]).sum())
-            if full:
-                txt = self.class_features[labels]
-                self.loss_sum[way] += clip_contrastive_loss(img, txt, self.logit_scale).item()
-        self.n_batches += int(full)
+        for way in WAYS[1:]:  # KL(p_original || p_way) per image, summed
+            kl = F.kl_div(log_p[way], log_p["original"], log_target=True, reduction="none").sum(-1)
+            self.kl_sum[way] += kl.double().sum().item()
+        self.n_kl_images += labels.shape[0]
         self.n_images += int(known.sum())
+        self.n_unlabelled += int((~known).sum())
+        for way in WAYS:
+            self._buffer[way].append(img[way][known])
+        self._buffer["labels"].append(labels[known])
+        self._buffered += int(known.sum())
+        if self._buffered >= self.batch_size:
+            self._score_full_batches()
+
+    def _score_full_batches(self) -> None:
+        buffered = {key: torch.cat(parts) for key, parts in self._buffer.items()}
+        n_full = self._buffered // self.batch_size
+        for i in range(n_full):
+            rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
+            txt = self.class_features[buffered["labels"][rows]]
+            for way in WAYS:
+                self.loss_sum[way] += clip_contrastive_loss(buffered[way][rows], txt, self.logit_scale).item()
+        self.n_batches += n_full
+        rest = slice(n_full * self.batch_size, None)
+        self._buffer = {key: [value[rest]] for key, value in buffered.items()}
+        self._buffered -= n_full * self.batch_size
 
     @staticmethod
-    def undefined() -> dict[str, float]:
-        """The same keys, all NaN (no class names, so no prompts)."""
+    def undefined() -> dict[str, Any]:
+        """The same keys as `compute_all`, all NaN (e.g. no class names, so no prompts)."""
         keys = [f"contrastive_loss_{w}" for w in WAYS] + [f"zero_shot_accuracy_{w}" for w in WAYS]
-        return dict.fromkeys([*keys, "contrastive_loss_score"], math.nan)
+        keys += [f"zero_shot_kl_{w}" for w in WAYS[1:]]
+        out: dict[str, Any] = dict.fromkeys([*keys, "contrastive_loss_score"], math.nan)
+        return out | {"contrastive_batches": 0, "contrastive_unlabelled_images": 0}
+
+    def undefined_reason(self) -> str | None:
+        """Why the contrastive loss is undefined (None when it is defined)."""
+        if self.n_batches:
+            return None
+        have = f"{self.n_images} labelled image(s)"
+        if self.n_unlabelled:
+            have += f" ({self.n_unlabelled} more without a label: their shards have no .cls)"
+        return (f"no full batch of {self.batch_size} labelled images: {have}. Evaluate more labelled "
+                f"images or lower the contrastive batch size (the loss is then not comparable with the "
+                f"seed's, at 1,024).")
 
     def compute(self) -> dict[str, float]:
+        """The three losses, accuracies and the score."""
         nb, ni = self.n_batches or math.nan, self.n_images or math.nan
         out = {f"contrastive_loss_{way}": self.loss_sum[way] / nb for way in WAYS}
         out |= {f"zero_shot_accuracy_{way}": self.correct[way] / ni for way in WAYS}
         out["contrastive_loss_score"] = contrastive_loss_score(
             out["contrastive_loss_original"], out["contrastive_loss_sae"], out["contrastive_loss_ablated"])
+        return out
+
+    def compute_all(self) -> dict[str, Any]:
+        """`compute` plus the batch-free KL divergences and the counts (numbers only, fit for a logger)."""
+        nk = self.n_kl_images or math.nan
+        out: dict[str, Any] = self.compute()
+        out |= {f"zero_shot_kl_{way}": self.kl_sum[way] / nk for way in WAYS[1:]}
+        out["contrastive_batches"] = self.n_batches
+        out["contrastive_unlabelled_images"] = self.n_unlabelled
         return out
 
 
@@ -114,4 +178,4 @@ def evaluate_batch(backbone, sae, images: Tensor, labels: Tensor, layer: int, to
     recon = sae(select_tokens(residual, tokens))
     acc = ContrastiveAccumulator(class_features, logit_scale, images.shape[0])
     acc.update(three_way_features(backbone, residual, layer, tokens, recon), labels)
-    return acc.compute()
+    return acc.compute_all()

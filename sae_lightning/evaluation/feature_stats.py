@@ -3,6 +3,11 @@
 Per feature: token density, image density, mean activation when firing, the top-k images (by the image's
 activation: the max over its hooked tokens, so cls runs use the token itself) with their stream indices and
 labels, the mean of those top activations, and the activation-weighted label entropy of the top images.
+
+Label entropy, the seed's way: over the top-k images when at least k fired, else over all images that
+fired (which are then exactly the filled top-k slots), so it is undefined only for a feature that never
+fired; `label_entropy_images` is the number of images it used. `label_entropy_top_k` is the strict value,
+defined only when at least k images fired.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ class FeatureStats:
     top_indices: Tensor  # [F, k] stream index of the image (0 .. n_images-1)
     top_labels: Tensor  # [F, k] label of the image
     mean_top_activation: Tensor  # [F] mean over the (at most k) top images that fired (NaN if none)
-    label_entropy: Tensor  # [F] nats; NaN where fewer than k images fire
-    entropy_defined: Tensor  # [F] bool
+    label_entropy: Tensor  # [F] nats, the seed's: top-k images, or all that fired if fewer; NaN if none
+    label_entropy_images: Tensor  # [F] int64: images label_entropy used, min(k, images that fired)
+    label_entropy_top_k: Tensor  # [F] nats, strict: NaN where fewer than k images fired
     n_images: int
     n_tokens: int
 
@@ -37,6 +43,11 @@ class FeatureStats:
     @property
     def n_features(self) -> int:
         return self.density.shape[0]
+
+    @property
+    def entropy_defined(self) -> Tensor:
+        """[F] bool: the seed's label entropy is defined (the feature fired on at least one image)."""
+        return self.label_entropy_images > 0
 
 
 def label_entropy(values: Tensor, labels: Tensor, chunk: int = 8192) -> Tensor:
@@ -120,7 +131,7 @@ class FeatureStatsAccumulator:
         n_top = fired_top.sum(1)
         top_sum = torch.where(fired_top, top_values, 0.0).sum(1)
         entropy = label_entropy(torch.where(fired_top, top_values, 0.0), self.top_labels.T)
-        defined = self.image_fire_count >= self.k
+        strict = self.image_fire_count >= self.k
         return FeatureStats(
             density=self.fire_count.double().div(max(self.n_tokens, 1)).float(),
             image_density=self.image_fire_count.double().div(max(self.n_images, 1)).float(),
@@ -129,8 +140,9 @@ class FeatureStatsAccumulator:
             top_indices=self.top_indices.T.contiguous(),
             top_labels=self.top_labels.T.contiguous(),
             mean_top_activation=torch.where(n_top > 0, top_sum / n_top.clamp_min(1), math.nan),
-            label_entropy=torch.where(defined, entropy, math.nan),
-            entropy_defined=defined,
+            label_entropy=torch.where(n_top > 0, entropy, math.nan),
+            label_entropy_images=n_top.long(),
+            label_entropy_top_k=torch.where(strict, entropy, math.nan),
             n_images=self.n_images,
             n_tokens=self.n_tokens,
         )

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 DENSITY_EPS = 1e-10
@@ -21,14 +22,17 @@ def density_histogram(density: Tensor, title: str = "Feature density") -> Figure
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist(np.log10(density.double().cpu().numpy() + DENSITY_EPS), bins=100, color="tab:blue")
     ax.set(xlabel="log10(feature density + 1e-10)", ylabel="features", title=title)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 
 
 def cluster_scatter(log_density: Tensor, log_mean_top: Tensor, entropy: Tensor, in_cluster: Tensor,
-                    k: int) -> Figure:
-    """The seed's scatter: x = log10 density, y = log10 mean top-k activation, colour = label entropy,
-    with marginal histograms. Features with undefined entropy are grey; the cluster's members are ringed."""
+                    k: int, max_entropy: float, threshold: float = math.nan) -> Figure:
+    """The seed's scatter: x = log10 density, y = log10 mean top-k activation, colour = the seed's label
+    entropy on the fixed scale 0..max_entropy (ln of the number of classes, so runs compare), with marginal
+    histograms. Features with undefined entropy are grey; the cluster's members are ringed and its
+    threshold is a dashed line. All inputs [F]."""
     x, y = log_density.double().cpu().numpy(), log_mean_top.double().cpu().numpy()
     ent, member = entropy.double().cpu().numpy(), in_cluster.cpu().numpy()
     ok = np.isfinite(x) & np.isfinite(y)
@@ -38,19 +42,28 @@ def cluster_scatter(log_density: Tensor, log_mean_top: Tensor, entropy: Tensor, 
     ax = fig.add_subplot(grid[1, 0])
     top = fig.add_subplot(grid[0, 0], sharex=ax)
     right = fig.add_subplot(grid[1, 1], sharey=ax)
-    ax.scatter(x[ok & ~defined], y[ok & ~defined], s=4, c="lightgrey", label="entropy undefined")
-    points = ax.scatter(x[defined], y[defined], s=4, c=ent[defined], cmap="viridis")
+    if (ok & ~defined).any():
+        ax.scatter(x[ok & ~defined], y[ok & ~defined], s=4, c="lightgrey", label="entropy undefined")
+    points = ax.scatter(x[defined], y[defined], s=4, c=ent[defined], cmap="viridis", vmin=0.0,
+                        vmax=max(max_entropy, 1e-9))
     if (ok & member).any():
         ax.scatter(x[ok & member], y[ok & member], s=14, facecolors="none", edgecolors="red", linewidths=0.4,
                    label="ultra-low-density cluster")
+    if math.isfinite(threshold):
+        ax.axhline(threshold, color="red", ls="--", lw=0.8, label="cluster threshold")
+        right.axhline(threshold, color="red", ls="--", lw=0.8)
     ax.set(xlabel="log10 feature density", ylabel=f"log10 mean top-{k} activation")
-    ax.legend(loc="lower right", fontsize=7, markerscale=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=7, markerscale=2)
     top.hist(x[ok], bins=80, color="tab:blue")
     right.hist(y[ok], bins=80, orientation="horizontal", color="tab:blue")
     top.tick_params(labelbottom=False)
     right.tick_params(labelleft=False)
-    fig.colorbar(points, cax=fig.add_subplot(grid[1, 2]), label="label entropy (nats)")
-    fig.suptitle("SAE features: density vs mean top activation")
+    top.yaxis.set_major_locator(MaxNLocator(integer=True))
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(points, cax=fig.add_subplot(grid[1, 2]),
+                 label=f"label entropy (nats, 0 to ln {round(math.exp(max_entropy))} classes)")
+    fig.suptitle("SAE features: density against mean top activation")
     return fig
 
 
@@ -65,6 +78,7 @@ def alignment_histograms(feature_max: Tensor, baseline_max: Tensor, threshold: f
     if math.isfinite(threshold):
         ax.axvline(threshold, color="k", ls="--", lw=1, label=f"aligned threshold {threshold:.3f}")
     ax.set(xlabel="max cosine similarity to an MLP out vector", ylabel="vectors", title="Neuron alignment")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
@@ -78,6 +92,7 @@ def aligned_counts_histogram(counts: Tensor) -> Figure:
     ax.hist(c, bins=np.arange(top + 2) - 0.5, color="tab:green")
     ax.set(xlabel="aligned MLP neurons per feature", ylabel="features", title="Neuron alignment counts")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     return fig
 

@@ -1,105 +1,131 @@
-"""Writers for <run>/eval/: metrics.json, the per-feature table (docs/format-eval.md) and report.md."""
+"""report.md: the metrics grouped (reconstruction, sparsity, model loss, cluster, alignment), each with a
+one-line definition and the seed's value where the seed reported one, then every plot under a heading in
+words. The exact definitions are in docs/metrics.md."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
+# (key, one-line definition, the seed's value or None). Grouped as the report shows them.
+METRIC_GROUPS: dict[str, list[tuple[str, str, Any]]] = {
+    "Reconstruction": [
+        ("mse_normalised", "mean over elements of (x̂ - x)² / ‖x‖, the training loss's mse", 0.0027),
+        ("mse", "mean over elements of (x̂ - x)²", None),
+        ("explained_variance_uncentred", "mean over tokens of 1 - ‖x - x̂‖² / ‖x‖²", 0.86),
+        ("explained_variance", "1 - Σ‖x - x̂‖² / Σ‖x - mean(x)‖² (centred)", None),
+    ],
+    "Sparsity": [
+        ("l0", "mean number of features with f > 0 per hooked token", 13.9),
+        ("live_features", "features with density > 0", None),
+        ("dead_features", "features that never fired (density 0)", None),
+        ("ultra_rare_features", "features with density < 1e-5 (dead ones included)", None),
+        ("dense_features", "features with density > 0.1", None),
+    ],
+    "Model loss": [
+        ("contrastive_loss_original", "CLIP's contrastive loss, images against their own prompts", 1.895),
+        ("contrastive_loss_sae", "the same with the hooked tokens replaced by the SAE reconstruction", 1.775),
+        ("contrastive_loss_ablated", "the same with the hooked tokens set to zero", None),
+        ("contrastive_loss_score", "(L_sae - L_original) / (L_ablated - L_original): 0 = nothing lost", None),
+        ("contrastive_batch_size", "images per contrastive batch (the loss grows with it)", 1024),
+        ("contrastive_batches", "full batches the losses average over", None),
+        ("contrastive_unlabelled_images", "images without a label, left out of the loss", None),
+        ("zero_shot_kl_sae", "mean KL(p_original ‖ p_sae) of the zero-shot class distributions (nats)", None),
+        ("zero_shot_kl_ablated", "mean KL(p_original ‖ p_ablated) (nats)", None),
+        ("zero_shot_accuracy_original", "zero-shot top-1 over all classes", None),
+        ("zero_shot_accuracy_sae", "the same, SAE spliced in", None),
+        ("zero_shot_accuracy_ablated", "the same, tokens zeroed", None),
+    ],
+    "Cluster": [
+        ("cluster_found", "two bands in log10 mean top activation, separated (Ashman's D > 2)", None),
+        ("cluster_size", "live features below the threshold: the ultra-low-density cluster", None),
+        ("cluster_fraction", "cluster_size / all features", None),
+        ("cluster_threshold_log10_mean_top_activation", "the mixture's decision boundary between the bands",
+         None),
+        ("cluster_separation", "Ashman's D of the two mixture components", None),
+        ("cluster_encoder_cosine_inside", "mean pairwise cosine of encoder vectors in the cluster", None),
+        ("cluster_encoder_cosine_outside", "the same for live features outside it", None),
+        ("cluster_encoder_cosine_between", "mean cosine between one inside and one outside", None),
+        ("label_entropy_features", "features with the seed's label entropy defined (fired at least once)",
+         None),
+        ("label_entropy_mean", "their mean label entropy (nats), the seed's way", None),
+        ("label_entropy_mean_images", "mean number of images that entropy used (top-k, or all that fired)",
+         None),
+        ("label_entropy_fallback_features", "features that fired on fewer than k images (seed's fallback)",
+         None),
+        ("label_entropy_top_k_features", "features with the strict top-k entropy defined (>= k images)", None),
+        ("label_entropy_top_k_mean", "their mean strict top-k label entropy (nats)", None),
+        ("label_entropy_max", "ln(number of classes): the top of the scatter's colour scale", None),
+    ],
+    "Alignment": [
+        ("alignment_n_features", "live features outside the cluster, analysed", None),
+        ("alignment_n_neurons", "MLP neurons of the hooked block", None),
+        ("alignment_threshold", "largest max-cosine any random Gaussian vector reaches", None),
+        ("alignment_aligned_features", "features aligned to at least one neuron (cosine above it)", None),
+        ("alignment_fraction_aligned", "that count / features analysed", None),
+        ("alignment_mean_max_cosine", "mean over features of the max cosine to a neuron", None),
+        ("alignment_baseline_mean_max_cosine", "the same for the random vectors", None),
+        ("alignment_mean_aligned_neurons", "mean number of neurons each feature is aligned to", None),
+    ],
+    "Sizes": [
+        ("n_images", "images evaluated", 524288),
+        ("n_tokens", "hooked tokens the SAE saw", None),
+        ("n_features", "SAE features", None),
+        ("top_k", "top images kept per feature", 20),
+        ("samples_skipped", "unreadable samples skipped", None),
+    ],
+}
+PERCENT = {"explained_variance_uncentred", "explained_variance", "zero_shot_accuracy_original",
+           "zero_shot_accuracy_sae", "zero_shot_accuracy_ablated", "cluster_fraction",
+           "alignment_fraction_aligned"}
 
-from sae_lightning.evaluation.feature_stats import FeatureStats
 
-FORMAT_VERSION = 1
-PROVENANCE = {"run_dir", "sae_path", "backbone", "pretrained", "layer", "tokens", "shards", "classnames",
-              "device", "seed", "date", "sae_lightning_version"}
-
-
-def json_safe(value: Any) -> Any:
-    """NaN/inf -> None (JSON null: 'undefined'), tensors/numpy scalars -> Python numbers, recursively."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return json_safe(value.tolist())
-    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def write_json(path: Path, data: dict[str, Any]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
-
-
-def write_features(directory: Path, stats: FeatureStats, extra: dict[str, torch.Tensor],
-                   image_keys: dict[int, str], meta: dict[str, Any]) -> tuple[Path, Path]:
-    """features.safetensors (per-feature tensors, row i = feature i) + features.json (keys, provenance)."""
-    tensors = {
-        "density": stats.density,
-        "image_density": stats.image_density,
-        "mean_activation": stats.mean_activation,
-        "mean_top_activation": stats.mean_top_activation,
-        "label_entropy": stats.label_entropy,
-        "entropy_defined": stats.entropy_defined,
-        "top_values": stats.top_values,
-        "top_indices": stats.top_indices,
-        "top_labels": stats.top_labels,
-        **extra,
-    }
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    directory.mkdir(parents=True, exist_ok=True)
-    st_path, json_path = directory / "features.safetensors", directory / "features.json"
-    save_file(tensors, str(st_path), metadata={"format_version": str(FORMAT_VERSION)})
-    sidecar = {
-        "format_version": FORMAT_VERSION,
-        "n_features": stats.n_features,
-        "k": stats.k,
-        "n_images": stats.n_images,
-        "n_tokens": stats.n_tokens,
-        **meta,
-        "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-                    for k, v in tensors.items()},
-        "image_keys": {str(i): key for i, key in sorted(image_keys.items())},
-    }
-    write_json(json_path, sidecar)
-    return st_path, json_path
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
+def _fmt(key: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "undefined"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key in PERCENT and isinstance(value, (int, float)):
+        return f"{100 * value:.3g}%"
+    if isinstance(value, int):
+        return f"{value:,}"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
 
 
-def write_report(path: Path, metrics: dict[str, Any], plots: dict[str, Path]) -> Path:
-    """A short markdown report: the headline numbers, then every plot (relative links)."""
-    m = json_safe(metrics)
+def render_report(metrics: dict[str, Any], notes: list[str], plots: dict[str, tuple[str, str]]) -> str:
+    """The markdown text. metrics: as in metrics.json; plots: file stem -> (heading, relative path)."""
+    m = metrics
     lines = [
         "# SAE evaluation",
         "",
         f"Run `{m.get('run_dir')}`; SAE `{m.get('sae_path')}`; backbone {m.get('backbone')} "
         f"({m.get('pretrained')}), layer {m.get('layer')}, tokens {m.get('tokens')}; "
-        f"{m.get('n_images')} images from {len(m.get('shards') or [])} shard(s); {m.get('date')}.",
+        f"{_fmt('n_images', m.get('n_images'))} images from {len(m.get('shards') or [])} shard(s); {m.get('date')}.",
+        "The seed's values are from the seed post (CLIP ViT-L/14, cls token of layer 22, 524,288 held-out "
+        "ImageNet images); every definition is in docs/metrics.md.",
         "",
-        "| metric | value |",
-        "| --- | --- |",
     ]
-    for key, value in m.items():
-        if key not in PROVENANCE and (isinstance(value, (int, float)) or value is None):
-            lines.append(f"| `{key}` | {_fmt(value)} |")
-    lines += ["", "Undefined values (no full batch, no cluster, ...) are `null` in metrics.json.", ""]
-    for name, plot in plots.items():
-        lines += [f"## {name}", "", f"![{name}]({plot.relative_to(path.parent).as_posix()})", ""]
-    path.write_text("\n".join(lines))
+    if m.get("warnings"):
+        lines += ["**Warnings**", "", *[f"- {w}" for w in m["warnings"]], ""]
+    for group, rows in METRIC_GROUPS.items():
+        lines += [f"## {group}", "", "| metric | value | seed | definition |", "| --- | --- | --- | --- |"]
+        for key, definition, seed in rows:
+            if key in m:
+                seed_text = _fmt(key, seed) if seed is not None else ""
+                lines.append(f"| `{key}` | {_fmt(key, m[key])} | {seed_text} | {definition} |")
+        lines.append("")
+    if notes:
+        lines += ["## Notes", "", *[f"- {note}" for note in notes], ""]
+    lines += ["Undefined values are `null` in metrics.json.", ""]
+    for heading, path in plots.values():
+        lines += [f"## {heading}", "", f"![{heading}]({path})", ""]
+    return "\n".join(lines)
+
+
+def write_report(path: Path, metrics: dict[str, Any], notes: list[str], plots: dict[str, tuple[str, str]]
+                 ) -> Path:
+    path.write_text(render_report(metrics, notes, plots), encoding="utf-8")
     return path
