@@ -103,3 +103,20 @@ def test_planted_experiment_builds_its_datamodule_without_a_backbone(tmp_path):
     dm = instantiate(cfg.data)
     assert isinstance(dm, ActivationsDataModule) and dm.d_in == 256 and dm.sae_batch_size == cfg.sae_batch_size
     assert (tmp_path / "planted.safetensors").is_file()
+
+
+def test_a_chunk_larger_than_the_batch_loses_no_row():
+    """chunk_size 40 with batches of 16: the surplus is served by row-less items, never dropped."""
+    x = torch.arange(80, dtype=torch.float32)[:, None].expand(80, D).contiguous()
+    dm = ActivationsDataModule(x, sae_batch_size=16, buffer_size=32, chunk_size=40, shuffle=False)
+    loader = dm.train_dataloader()
+    batches = []
+    for _ in range(5):  # five passes: the surplus carried over a pass boundary is served in the next
+        batches += [dm.on_after_batch_transfer(chunk, 0) for chunk in loader]
+        assert dm.buffer.n_pending < 16 + 40
+    out = torch.cat([b["activations"][:, 0] for b in batches])
+    held = torch.cat([dm.buffer.contents(), dm.buffer.pending()])[:, 0]
+    assert sorted(torch.cat([out, held]).tolist()) == sorted(list(map(float, range(80))) * 5)  # all, once each
+    assert all(b["activations"].shape[0] in (0, 16) for b in batches)
+    assert out.numel() == 400 - 32 - dm.buffer.n_pending >= 400 - 32 - 16 - 40  # served all but the bounded rest
+    assert dm.activations_seen == 400

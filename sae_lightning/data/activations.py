@@ -21,6 +21,7 @@ from lightning.pytorch import LightningDataModule
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from sae_lightning.data.buffer import TokenPacer
 from sae_lightning.data.datamodule import ActivationStreamMixin
 
 ACTIVATIONS_KEY = "activations"
@@ -51,15 +52,24 @@ def load_activations(path: str | Path) -> Rows:
 class ChunkSampler(Sampler[torch.Tensor]):
     """Yields row-index chunks: a new seeded permutation each pass (or in order); a partial last chunk is dropped.
 
-    Dropping it keeps every push into the full buffer at least one SAE batch long.
+    With `batch_size` (the SAE batch) smaller than `chunk_size`, chunks are paced by a `TokenPacer`: after a
+    chunk, empty index tensors follow until its surplus rows have been served, one SAE batch per item, so
+    the buffer never holds more than a chunk beyond its capacity and nothing is dropped.
     """
 
-    def __init__(self, n_rows: int, chunk_size: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, n_rows: int, chunk_size: int, shuffle: bool = True, seed: int = 0,
+                 batch_size: int | None = None):
         self.n_rows, self.chunk_size, self.shuffle, self.seed = n_rows, chunk_size, shuffle, seed
+        self.batch_size = batch_size or chunk_size
         self.epoch = 0
+        self._pacer = TokenPacer(chunk_size, self.batch_size)  # carries the surplus across passes
 
-    def __len__(self) -> int:
+    @property
+    def n_chunks(self) -> int:
         return self.n_rows // self.chunk_size
+
+    def __len__(self) -> int:  # about: empty items depend on the surplus carried from the previous pass
+        return -(-self.n_chunks * self.chunk_size // self.batch_size)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.shuffle:
@@ -67,7 +77,15 @@ class ChunkSampler(Sampler[torch.Tensor]):
         else:
             order = torch.arange(self.n_rows)
         self.epoch += 1
-        yield from order[: len(self) * self.chunk_size].view(len(self), self.chunk_size)
+        chunks = order[: self.n_chunks * self.chunk_size].view(self.n_chunks, self.chunk_size)
+        empty = torch.empty(0, dtype=torch.long)
+        i = 0
+        while i < self.n_chunks:
+            if self._pacer.next_count():
+                yield chunks[i]
+                i += 1
+            else:
+                yield empty
 
 
 class RowChunks(Dataset):
@@ -80,6 +98,8 @@ class RowChunks(Dataset):
         return len(self.rows)
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        if index.numel() == 0:
+            return torch.empty(0, self.rows.shape[1], dtype=torch.float32)
         if isinstance(self.rows, np.ndarray):
             return torch.from_numpy(np.ascontiguousarray(self.rows[np.sort(index.numpy())]))
         return self.rows[index]
@@ -89,8 +109,8 @@ class ActivationsDataModule(ActivationStreamMixin, LightningDataModule):
     """[M, d] activations (a tensor or a file) -> chunks -> shuffle buffer on the device -> SAE batches.
 
     `chunk_size` (default: `sae_batch_size`) is how many rows one DataLoader item carries; the buffer
-    serves one SAE batch per push and drops the surplus of a larger chunk at random, as it does for
-    the tokens of an image batch.
+    serves one SAE batch per item and keeps the surplus of a larger chunk for the next items (which then
+    carry no rows), as it does for the tokens of an image batch: no row is dropped.
     """
 
     def __init__(self, activations: torch.Tensor | np.ndarray | str | Path, sae_batch_size: int = 1024,
@@ -116,7 +136,7 @@ class ActivationsDataModule(ActivationStreamMixin, LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # A new order per epoch and per resume point, still reproducible from `seed`.
         offset = 7919 * self.trainer.current_epoch + self.trainer.global_step if self.trainer is not None else 0
-        sampler = ChunkSampler(len(self.rows), self.chunk_size, self.shuffle, self.seed + offset)
+        sampler = ChunkSampler(len(self.rows), self.chunk_size, self.shuffle, self.seed + offset, self.sae_batch_size)
         return DataLoader(RowChunks(self.rows), sampler=sampler, batch_size=None, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0)
 

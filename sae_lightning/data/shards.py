@@ -2,7 +2,14 @@
 
 Shards are tar files of samples (`<key>.jpg|jpeg|png|webp` + `<key>.cls`), see docs/format-shards.md.
 Everything that can fail on bad data (a corrupt image, a sample without an image) is skipped with a warning
-and counted, so a long run never dies on one bad file and the count is still visible in the logs.
+and counted, so a long run never dies on one bad file and the count is still visible in the logs. Repeated
+warnings are rate-limited (`RateLimitedWarning`): the first few are shown, then one summary per interval.
+
+For training (`track=True`) every batch also reports which shards its worker has now *fully* delivered
+(`shards_done`: every sample handed over in a batch or counted as skipped), which shards were empty or
+unreadable, and the worker's (rank, worker) id; the DataModule records them so a resumed pass skips them
+(docs/format-shards.md, "Resuming mid-pass"). A tracked stream also ends each worker's pass with a record
+that carries no image, so skips and finished shards at the very end still reach the main process.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import io
 import logging
 import os
 import random
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +29,8 @@ import PIL.Image
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
+
+from sae_lightning.data.buffer import TokenPacer
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +51,13 @@ def _expand_local(pattern: str, names: list[str]) -> list[str]:
             matches = sorted(glob.glob(name))
         else:
             matches = [name] if os.path.exists(name) else []
+        folders = [m for m in matches if os.path.isdir(m)]
+        if folders:
+            folder = folders[0].rstrip("/")
+            raise ValueError(
+                f"shard pattern {pattern!r}: {folder!r} is a directory, not a shard (a shard is a .tar file). "
+                f"Point at the shards inside it, e.g. '{folder}/*.tar'."
+            )
         found.extend(os.path.abspath(m) for m in matches)
         if not matches:
             missing.append(name)
@@ -76,10 +93,101 @@ def expand_shards(patterns: str | Sequence[str]) -> list[str]:
     return urls
 
 
-def _log_and_continue(exn: Exception) -> bool:
-    """Webdataset handler for unreadable shards: log and go on (wds.warn_and_continue sleeps 0.5 s)."""
-    log.warning("skipping unreadable shard data: %r", exn)
-    return True
+class RateLimitedWarning:
+    """Log the first `first` warnings of a kind, then at most one summary per `interval` seconds.
+
+    A stream of bad data (every sample of a corrupt shard) would otherwise write one line per sample: tens of
+    megabytes of log per minute. The summary says how many were suppressed and shows the latest one.
+    """
+
+    def __init__(self, logger: logging.Logger, what: str, first: int = 5, interval: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.logger, self.what, self.first, self.interval, self.clock = logger, what, first, interval, clock
+        self.total = 0
+        self.suppressed = 0
+        self.last_summary = clock()
+
+    def warn(self, msg: str, *args) -> None:
+        self.total += 1
+        if self.total <= self.first:
+            self.logger.warning(msg, *args)
+            if self.total == self.first:
+                self.logger.warning("further %s warnings are summarised every %.0f s", self.what, self.interval)
+            self.last_summary = self.clock()
+            return
+        self.suppressed += 1
+        now = self.clock()
+        if now - self.last_summary >= self.interval:
+            self.logger.warning("%d more %s warning(s) in the last %.0f s (%d in total); latest: " + msg,
+                                self.suppressed, self.what, now - self.last_summary, self.total, *args)
+            self.suppressed, self.last_summary = 0, now
+
+
+class _LogAndContinue:
+    """Webdataset handler for unreadable shards: log (rate-limited) and go on (wds.warn_and_continue sleeps)."""
+
+    def __init__(self) -> None:
+        self.warnings = RateLimitedWarning(log, "unreadable-shard")
+
+    def __call__(self, exn: Exception) -> bool:
+        self.warnings.warn("skipping unreadable shard data: %r", exn)
+        return True
+
+
+class ShardProgress:
+    """Per worker: how many samples each shard held and how many have been delivered; which are done.
+
+    A shard is done once it has been read to its end and every sample read from it has been delivered (in a
+    batch, or counted in a batch's `n_skipped`). Shards that yield no sample at all are also listed as empty.
+    """
+
+    def __init__(self) -> None:
+        self.read: dict[str, int] = {}
+        self.delivered: dict[str, int] = {}
+        self.empty: list[str] = []
+
+    def read_complete(self, url: str, n_samples: int) -> None:
+        self.read[url] = n_samples
+        if n_samples == 0:
+            self.empty.append(url)
+
+    def deliver(self, url: str) -> None:
+        self.delivered[url] = self.delivered.get(url, 0) + 1
+
+    def pop_done(self, everything: bool = False) -> tuple[list[str], list[str]]:
+        """(newly done shards, newly seen empty shards); `everything` at the end of the worker's stream."""
+        done = [u for u, n in self.read.items() if everything or self.delivered.get(u, 0) >= n]
+        for url in done:
+            del self.read[url]
+            self.delivered.pop(url, None)
+        empty, self.empty = self.empty, []
+        return done, empty
+
+
+def _read_shards(src: Iterable[dict], progress: ShardProgress | None, handler: Callable) -> Iterator[dict]:
+    """tarfile_to_samples one shard at a time, telling `progress` how many samples each shard held."""
+    expand = wds.tarfile_to_samples(handler=handler)
+    for source in src:
+        n = 0
+        for sample in expand(iter([source])):
+            n += 1
+            yield sample
+        if progress is not None:
+            progress.read_complete(source["url"], n)
+
+
+class _ResumeFilter:
+    """Drops `skip` (shards already consumed before a resume) from the first pass only; later passes read all."""
+
+    def __init__(self, skip: Iterable[str]) -> None:
+        self.skip = frozenset(skip)
+        self.passes = 0
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        first, self.passes = self.passes == 0, self.passes + 1
+        for source in src:
+            if not (first and source["url"] in self.skip):
+                yield source
 
 
 class _EpochStage:
@@ -125,6 +233,12 @@ class _Decoded:
     image: torch.Tensor
     label: int
     key: str
+    url: str = ""
+
+
+@dataclass
+class _Skipped:
+    url: str
 
 
 def _open_sample(sample: dict) -> tuple[PIL.Image.Image, int]:
@@ -138,45 +252,106 @@ def _open_sample(sample: dict) -> tuple[PIL.Image.Image, int]:
 
 
 def decode_samples(
-    samples: Iterable[dict], transform: Callable[[PIL.Image.Image], torch.Tensor]
-) -> Iterator[_Decoded | None]:
-    """Decode raw webdataset samples; yield None for a sample that cannot be decoded, so it is counted.
+    samples: Iterable[dict], transform: Callable[[PIL.Image.Image], torch.Tensor],
+    warnings: RateLimitedWarning | None = None,
+) -> Iterator[_Decoded | _Skipped]:
+    """Decode raw webdataset samples; yield _Skipped for a sample that cannot be decoded, so it is counted.
 
     The transform runs outside the try block: an error there is a bug, not bad data, and must surface.
     """
+    warnings = warnings or RateLimitedWarning(log, "skipped-sample")
     for sample in samples:
         url = sample.get("__url__", "")
         try:
             image, label = _open_sample(sample)
         except Exception as exn:  # noqa: BLE001 - PIL raises many types on bad bytes; none may stop a run
             key, kind = sample.get("__key__"), type(exn).__name__
-            log.warning("skipping sample %r from %s: %s: %s", key, url, kind, exn)
-            yield None
+            warnings.warn("skipping sample %r from %s: %s: %s", key, url, kind, exn)
+            yield _Skipped(url)
             continue
-        yield _Decoded(transform(image), label, f"{os.path.basename(url)}/{sample['__key__']}")
+        yield _Decoded(transform(image), label, f"{os.path.basename(url)}/{sample['__key__']}", url)
 
 
-def _collate(samples: list[_Decoded], n_skipped: int) -> dict:
+def _collate(samples: list[_Decoded], n_skipped: int, empty_like: torch.Tensor | None = None) -> dict:
+    if samples:
+        images = torch.stack([s.image for s in samples])
+    elif empty_like is not None:
+        images = empty_like.new_empty(0, *empty_like.shape)
+    else:
+        images = torch.empty(0, dtype=torch.uint8)
     return {
-        "images": torch.stack([s.image for s in samples]),
+        "images": images,
         "labels": torch.tensor([s.label for s in samples], dtype=torch.long),
         "keys": [s.key for s in samples],
         "n_skipped": torch.tensor(n_skipped, dtype=torch.long),
     }
 
 
-def batch_with_skips(samples: Iterable[_Decoded | None], batch_size: int, partial: bool) -> Iterator[dict]:
+def _tracked_batches(samples: Iterable[_Decoded | _Skipped], sizes: Callable[[], int], partial: bool,
+                     progress: ShardProgress) -> Iterator[dict]:
+    """Batches of `sizes()` images (possibly 0), each reporting shards done; a final image-less record."""
+    rank, _, worker, _ = wds.utils.pytorch_worker_info()
+    batch: list[_Decoded] = []
+    skipped: list[str] = []
+    like: torch.Tensor | None = None
+
+    def emit(items: list[_Decoded], last: bool = False) -> dict:
+        nonlocal skipped
+        for item in items:
+            progress.deliver(item.url)
+        for url in skipped:
+            progress.deliver(url)
+        out = _collate(items, len(skipped), like)
+        done, empty = progress.pop_done(everything=last)
+        out.update(shards_done=done, shards_empty=empty, skipped_shards=sorted(set(skipped)),
+                   worker=(rank, worker), end_of_pass=last)
+        skipped = []
+        return out
+
+    want = sizes()
+    it = iter(samples)
+    while True:
+        while want == 0:
+            yield emit([])
+            want = sizes()
+        sample = next(it, None)
+        if sample is None:
+            break
+        if isinstance(sample, _Skipped):
+            skipped.append(sample.url)
+            continue
+        like = sample.image
+        batch.append(sample)
+        if len(batch) == want:
+            yield emit(batch)
+            batch, want = [], sizes()
+    if batch and partial:
+        yield emit(batch)
+        batch = []
+    if batch:
+        log.debug("dropping a final incomplete batch of %d image(s) at the end of the pass", len(batch))
+    yield emit([], last=True)
+
+
+def batch_with_skips(samples: Iterable[_Decoded | _Skipped], batch_size: int, partial: bool,
+                     pacer: TokenPacer | None = None, progress: ShardProgress | None = None) -> Iterator[dict]:
     """Batch decoded samples; each batch carries the number of skipped samples since the previous one.
 
     A full batch is held until the next good sample (or the end) arrives, so skips at the very end of the
     stream are still attached to a batch. The sum is exact whenever the worker yields a batch, except for
     skips among a final incomplete batch dropped with partial=False, which are logged instead.
+    With `progress` (training), batches hold `pacer.next_count()` images (or `batch_size`), report the shards
+    done and the pass ends with an image-less record instead (see `_tracked_batches`).
     """
+    if progress is not None:
+        yield from _tracked_batches(samples, pacer.next_count if pacer else (lambda: batch_size), partial,
+                                    progress)
+        return
     held: tuple[list[_Decoded], int] | None = None
     batch: list[_Decoded] = []
     skipped = 0
     for sample in samples:
-        if sample is None:
+        if isinstance(sample, _Skipped):
             skipped += 1
             continue
         if held is not None:
@@ -203,6 +378,9 @@ def image_batches(
     seed: int = 0,
     resampled: bool = False,
     partial: bool = False,
+    track: bool = False,
+    pace: tuple[int, int] | None = None,
+    skip_shards: Iterable[str] = (),
 ) -> wds.DataPipeline:
     """Build the per-worker pipeline: shards -> samples -> shuffle -> decode + transform -> batches.
 
@@ -210,6 +388,11 @@ def image_batches(
     {"images": [B,3,H,W], "labels": [B] (-1 without cls), "keys": ["shard.tar/key"], "n_skipped": scalar}.
     resampled=True samples shards with replacement forever (no split: each worker has its own seed).
     A worker that gets no shard yields nothing instead of raising.
+
+    track=True (training) adds "shards_done", "shards_empty", "skipped_shards", "worker" and "end_of_pass" to
+    every batch and ends each worker's pass with an image-less record. pace=(tokens_per_image,
+    sae_batch_size) sizes batches with a `TokenPacer` (whole images; a batch may hold none) instead of
+    `batch_size`. skip_shards are left out of the first pass (a resume; not with resampled).
     """
     urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
     if resampled:
@@ -218,12 +401,17 @@ def image_batches(
         stages = [wds.SimpleShardList(urls)]
         if shardshuffle:
             stages.append(_ShardPermutation(seed))
+        skip = frozenset(skip_shards)
+        if skip:
+            stages.append(_ResumeFilter(skip))
         stages += [wds.split_by_node, wds.split_by_worker]
-    stages.append(wds.tarfile_to_samples(handler=_log_and_continue))
+    progress = ShardProgress() if track else None
+    stages.append(wds.pipelinefilter(_read_shards)(progress, _LogAndContinue()))
     if shuffle > 0:
         stages.append(_SampleShuffle(shuffle, seed))
-    stages.append(wds.pipelinefilter(decode_samples)(transform))
-    stages.append(wds.pipelinefilter(batch_with_skips)(batch_size, partial))
+    stages.append(wds.pipelinefilter(decode_samples)(transform, RateLimitedWarning(log, "skipped-sample")))
+    pacer = TokenPacer(*pace) if pace is not None else None
+    stages.append(wds.pipelinefilter(batch_with_skips)(batch_size, partial, pacer, progress))
     return wds.DataPipeline(*stages)
 
 
