@@ -358,7 +358,11 @@ def write_explorer_bundle(eval_dir: str | Path, sae, backbone, *, layer: int, to
         "seed": seed,
     }
     (out / "bundle.json").write_text(json.dumps(info) + "\n")
-    return game_metric(eval_dir, seed=seed)
+    result = game_metric(eval_dir, seed=seed)
+    info |= {"game_accuracy": result["accuracy"], "game_baseline_accuracy": result["baseline_accuracy"],
+             "game_rounds": result["n_rounds"]}
+    (out / "bundle.json").write_text(json.dumps(info) + "\n")
+    return result
 
 
 class Bundle:
