@@ -348,3 +348,42 @@ def test_saved_file_is_plain_safetensors_with_the_documented_metadata(tmp_path):
     other = tmp_path / "plain.safetensors"
     save_file({"x": torch.zeros(3)}, str(other))
     assert sae_io.inspect_safetensors(other)["x"]["shape"] == [3]
+
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_kill_9_at_random_moments_of_exports_always_leaves_a_loadable_sae(tmp_path):
+    """Real kills: a forked process exporting in a loop (same shapes, then shape changes) is SIGKILLed at
+    random moments; after each kill the directory loads as a complete SAE of consistent shapes."""
+    import random
+    import signal
+    import time
+
+    rng = random.Random(0)
+    directory = tmp_path / "sae"
+    saes = [make_sae(64, 256, seed=0), make_sae(64, 512, seed=1)]  # built before the fork: the child only writes
+    steps = []
+    for _ in range(12):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: export forever, three of one shape then three of the other
+            try:
+                os.close(read_end)
+                step = 0
+                while True:
+                    save_sae(saes[step // 3 % 2], directory, step=step)
+                    if step == 0:
+                        os.write(write_end, b"r")
+                    step += 1
+            finally:
+                os._exit(1)
+        os.close(write_end)
+        assert os.read(read_end, 1) == b"r"
+        os.close(read_end)
+        time.sleep(rng.uniform(0.0, 0.2))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        cfg, tensors = read_sae(directory)  # never raises
+        assert cfg["d_sae"] in (256, 512) and tensors["W_enc"].shape == (64, cfg["d_sae"])
+        steps.append(read_sae_step(directory))
+    assert len(set(steps)) > 1, steps  # the kills did land at different points of the loop
