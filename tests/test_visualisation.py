@@ -277,6 +277,17 @@ def test_diversity_term_makes_starts_differ(backbone):
     assert mean_pair_distance(diverse.images) > mean_pair_distance(plain.images)
 
 
+def test_autocast_runs_the_backbone_in_bf16_and_reports_in_fp32(backbone):
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(backbone.width, 8)
+    kwargs = dict(layer=LAYER, tokens="cls", n_starts=1, steps=15, seed=0)
+    half = visualise_features(backbone, sae, [1], autocast=torch.bfloat16, **kwargs)
+    assert torch.isfinite(half.images).all() and (half.objective > half.history[0]).all()
+    with torch.no_grad():  # the reported activation is an fp32 measurement of the final image
+        x = hooked_tokens(backbone, half.images[0], LAYER, "cls")
+    assert torch.allclose(image_activation(sae, x, torch.tensor([1])), half.activations[0], atol=1e-5)
+
+
 def test_bad_requests_fail_before_optimising(backbone):
     sae = SparseAutoencoder(backbone.width, 8)
     with pytest.raises(ValueError, match="out of range"):
@@ -431,7 +442,8 @@ def test_clear_errors_before_any_work(tiny_run, tmp_path):
     for overrides, match in [(["features=[4]"], "out of range"), (["features=[-1]"], "out of range"),
                              ([], "nothing to visualise"), (["features=[0]", "objective=sum"], "objective"),
                              (["features=[0]", "steps=0"], "steps"), (["features=[0]", "autocast=8"], "autocast"),
-                             (["features=[0]", "transforms.scale=[2,1]"], "scale")]:
+                             (["features=[0]", "transforms.scale=[2,1]"], "scale"),
+                             (["features=[a]"], "integers"), (["features=9"], "out of range")]:
         with pytest.raises(ValueError, match=match):
             visualise_run(vis_cfg([f"run={run}", f"out_dir={out}", *overrides]))
     assert not out.exists()  # nothing written for a bad request

@@ -53,12 +53,20 @@ def _check_request(cfg: DictConfig) -> None:
         raise ValueError(f"lr must be > 0 and diversity >= 0 (got lr={cfg.lr}, diversity={cfg.diversity})")
     if cfg.autocast is not None and str(cfg.autocast) not in AUTOCAST_DTYPES:
         raise ValueError(f"autocast={cfg.autocast!r}: use one of {list(AUTOCAST_DTYPES)} or null (the run's)")
-    if not list(cfg.features) and int(cfg.random_features) <= 0:
+    named = requested_features(cfg.features)
+    if not named and int(cfg.random_features) <= 0:
         raise ValueError("nothing to visualise: name features, e.g. python visualise.py run=<run> "
                          "features=[3,17], and/or draw some at random with random_features=16")
-    if any(not isinstance(f, int) or isinstance(f, bool) for f in cfg.features):
-        raise ValueError(f"features={list(cfg.features)}: feature ids must be integers")
     TransformConfig(**_transform_kwargs(cfg))
+
+
+def requested_features(spec: Any) -> list[int]:
+    """`features=3` or `features=[3,17]` -> [3, 17]; anything but integers is an error."""
+    items = list(spec) if OmegaConf.is_list(spec) or isinstance(spec, (list, tuple)) else [spec]
+    items = [] if items == [None] else items
+    if any(not isinstance(f, int) or isinstance(f, bool) for f in items):
+        raise ValueError(f"features={spec}: feature ids must be integers, e.g. features=[3,17]")
+    return [int(f) for f in items]
 
 
 def _transform_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -137,7 +145,7 @@ def visualise_run(cfg: DictConfig) -> dict[str, Any]:
     device = resolve_device(str(cfg.device))
     out = (Path(cfg.out_dir).expanduser() if cfg.get("out_dir") else run / "eval") / SUBDIR
     sae = SparseAutoencoder.load(run / "sae").eval().requires_grad_(False)
-    named = [int(f) for f in cfg.features]
+    named = requested_features(cfg.features)
     bad = [f for f in named if not 0 <= f < sae.d_sae]
     if bad:
         raise ValueError(f"features {bad} are out of range: the SAE in {run / 'sae'} has features 0..{sae.d_sae - 1}")
