@@ -1,17 +1,25 @@
-"""The LightningModule: the seed's SAE training step (DESIGN section 5) with manual optimisation.
+"""The LightningModule: the seed's SAE training step with manual optimisation (docs/training.md).
 
 Manual optimisation keeps the step's order explicit and cheap: renormalise the decoder rows, forward with
 ghost grads for the features dead for more than `dead_feature_window` steps, backward, remove the
 gradient parallel to each decoder row, Adam step, warm-up schedule step, dead-feature counters.
-Metrics and logging run only every `log_every_n_steps`, so a step costs what the bare math costs.
+
+The step never waits for the device. A non-finite loss or gradient is caught on the device: fused Adam
+skips the update (its `found_inf` input, the mechanism of torch's GradScaler), the dead-feature counters
+keep their values, and the host learns of it at the next health check (every `log_every_n_steps`, before
+every checkpoint and export, at the end), which stops the run with the step and the cause. Nothing is ever
+updated by a non-finite step, and a diverged SAE (non-finite parameters, or a reconstruction error far
+above the data's variance) is never checkpointed or exported.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule
 
 from sae_lightning.metrics import L0, ExplainedVariance, ExplainedVarianceUncentred, FeatureDensity, density_counts
@@ -22,6 +30,8 @@ log = logging.getLogger(__name__)
 
 B_DEC_INITS = ("geometric_median", "mean", "none")
 NORMALISATIONS = ("none", "expected_average_only_in")
+RESUME_ADVICE = ("The last checkpoint holds the state before this happened: lower lr (or l1_coefficient) and "
+                 "resume with ckpt_path=<run>/checkpoints/last.ckpt.")
 
 
 def linear_warmup(warmup_steps: int):
@@ -29,40 +39,68 @@ def linear_warmup(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
+class TrainingDiverged(FloatingPointError):
+    """The SAE's loss, gradients or parameters left the finite range, or its reconstructions exploded."""
+
+
 class SAETrainingModule(LightningModule):
-    """Trains one SparseAutoencoder on `{"activations": [N, d]}` batches."""
+    """Trains one SparseAutoencoder on `{"activations": [N, d]}` batches.
+
+    The schedule arguments are in optimiser steps; `train.py` derives them from the config's `schedule`
+    (in activations seen) for the run's batch size and number of devices.
+    `divergence_explained_variance`: a logged step whose centred explained variance is below this value
+    (a reconstruction error more than 1 - value times the variance of the inputs) stops the run.
+    `compile`: run the SAE's loss through torch.compile.
+    """
 
     def __init__(self, sae: SparseAutoencoder, lr: float = 4e-4, lr_warmup_steps: int = 500,
                  adam_betas: tuple[float, float] = (0.9, 0.999), ghost_grads: bool = True,
                  dead_feature_window: int = 64, feature_sampling_window: int = 500,
-                 b_dec_init: str = "geometric_median", normalize_activations: str = "none"):
+                 b_dec_init: str = "geometric_median", normalize_activations: str = "none",
+                 divergence_explained_variance: float = -1000.0, compile: bool = False):
         super().__init__()
         if b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {b_dec_init!r}")
         if normalize_activations not in NORMALISATIONS:
             raise ValueError(f"normalize_activations must be one of {NORMALISATIONS}, got {normalize_activations!r}")
-        self.save_hyperparameters(ignore=["sae"])
+        self.save_hyperparameters(ignore=["sae"], logger=False)  # train.py logs the whole config instead
         self.automatic_optimization = False
         self.sae = sae
         self.register_buffer("steps_since_fired", torch.zeros(sae.d_sae, dtype=torch.long))
         self.register_buffer("first_buffer_seen", torch.tensor(False))
         self.register_buffer("activation_scale", torch.ones(()))
+        # device-side health record, read only at health checks: steps skipped as non-finite, the first one,
+        # and whether its input activations were themselves non-finite
+        self.register_buffer("skipped_steps", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("first_skipped_step", torch.full((), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("first_skipped_input_bad", torch.zeros((), dtype=torch.bool), persistent=False)
         self.explained_variance = ExplainedVariance(sae.d_in)
         self.explained_variance_uncentred = ExplainedVarianceUncentred()
         self.l0 = L0()
         self.window_density = FeatureDensity(sae.d_sae)
         self.density_ready: torch.Tensor | None = None
+        self.last_metrics: dict[str, float] = {}  # the last logged values (final hparams metrics, progress bar)
+        self.run_config: dict | None = None  # the composed config, stored in checkpoints by train.py's runs
         self._first_buffer_seen_host = False  # a host copy, so the hot path never reads the device flag
+        self._last_batch: torch.Tensor | None = None  # the latest step's inputs [N, d], for health checks
+        self._compiled_loss = torch.compile(sae.loss) if compile else None
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.adam_betas))
+        # fused: one kernel per step, and it honours `found_inf` on the device (a skipped step changes nothing)
+        optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.adam_betas),
+                                     fused=True)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(self.hparams.lr_warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() \
+            and dist.is_initialized()
+
     def _from_rank_zero(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Under DDP every rank must start from the same statistics: rank 0's."""
-        if self._trainer is not None and self.trainer.world_size > 1:
-            return self.trainer.strategy.broadcast(tensor, src=0)
+        """Under DDP every rank must start from the same statistics: rank 0's, broadcast in place on the device."""
+        if self._distributed():
+            tensor = tensor.detach().clone().contiguous()
+            dist.broadcast(tensor, src=0)
         return tensor
 
     @torch.no_grad()
@@ -70,7 +108,11 @@ class SAETrainingModule(LightningModule):
         """Statistics of the first shuffle buffer: the activation scale, then b_dec (in the scaled space)."""
         activations = activations.float()
         if self.hparams.normalize_activations == "expected_average_only_in":
-            scale = activations.shape[-1] ** 0.5 / activations.norm(dim=-1).mean()
+            norms = activations.norm(dim=-1)
+            scale = activations.shape[-1] ** 0.5 / norms.mean()
+            if not math.isfinite(float(scale)):  # once per run: the read is free
+                raise ValueError(f"The first buffer's mean activation norm is {float(norms.mean())}: activations "
+                                 "are all zero or non-finite, so they cannot be normalised. Check the data.")
             self.activation_scale.copy_(self._from_rank_zero(scale))
             log.info("Scaling activations by %.4g so their mean norm is sqrt(d).", float(self.activation_scale))
             activations = activations * self.activation_scale
@@ -80,19 +122,31 @@ class SAETrainingModule(LightningModule):
 
     @torch.no_grad()
     def initialise_b_dec(self, activations: torch.Tensor) -> None:
-        """b_dec <- geometric median (or mean) of the first buffer of activations."""
+        """b_dec <- geometric median (or mean) of the first buffer of activations [M, d]."""
         if self.hparams.b_dec_init == "geometric_median":
             centre = F_sae.geometric_median(activations.float())
         else:
             centre = activations.float().mean(0)
-        self.sae.b_dec.copy_(self._from_rank_zero(centre).to(self.sae.b_dec.dtype))
+        self.sae.b_dec.copy_(self._from_rank_zero(centre.to(self.sae.b_dec.dtype)))
         log.info("Initialised b_dec (%s) from %d activations.", self.hparams.b_dec_init, activations.shape[0])
 
     def dead_mask(self) -> torch.Tensor | None:
-        """Features that have not fired for more than `dead_feature_window` steps (ghost grads' targets)."""
-        if not self.hparams.ghost_grads:
+        """Features [F] that have not fired for more than `dead_feature_window` steps (ghost grads' targets).
+
+        None while no feature can be dead yet (the host knows from the step count, without asking the device).
+        """
+        if not self.hparams.ghost_grads or self.global_step <= self.hparams.dead_feature_window:
             return None
         return self.steps_since_fired > self.hparams.dead_feature_window
+
+    def _non_finite(self, total: torch.Tensor) -> torch.Tensor:
+        """1.0 (float, on the device) when the loss or any gradient is non-finite, else 0.0; agreed across ranks."""
+        grads = [p.grad for p in self.sae.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads) if grads else total.new_zeros(())
+        flag = (~(torch.isfinite(total) & torch.isfinite(grad_norm))).float()
+        if self._distributed():  # every rank skips the same steps
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         x = batch["activations"]
@@ -106,58 +160,102 @@ class SAETrainingModule(LightningModule):
             x = x * self.activation_scale
         optimizer = self.optimizers()
         scheduler = self.lr_schedulers()
+        step = self.global_step  # this step's index (global_step counts it once the optimiser has stepped)
 
         F_sae.normalise_decoder_rows(self.sae.W_dec)
-        out = self.sae.loss(x, dead_mask=self.dead_mask())
-        non_finite = (~torch.isfinite(out.total)).float()
-        if self.trainer.world_size > 1:  # every rank stops together, none waits forever in a collective
-            non_finite = self.trainer.strategy.reduce(non_finite, reduce_op="sum")
-        if non_finite:
-            raise FloatingPointError(
-                f"The SAE loss became {out.total.item()} at step {self.global_step} (mse={out.mse.item():.4g}, "
-                f"l1={out.l1.item():.4g}, ghost={out.ghost.item():.4g}). Nothing was updated; the last "
-                f"checkpoint is intact. Lower lr or l1_coefficient and resume with ckpt_path=<run>/checkpoints/"
-                f"last.ckpt, or check the activations (data.autocast=32)."
-            )
+        out = (self._compiled_loss or self.sae.loss)(x, dead_mask=self.dead_mask())
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(out.total)
         F_sae.remove_parallel_gradient(self.sae.W_dec)
+        skip = self._non_finite(out.total.detach())
+        optimizer.optimizer.found_inf = skip  # fused Adam leaves parameters and moments as they are when 1
         optimizer.step()
         scheduler.step()
 
         with torch.no_grad():
+            self._record_skip(skip, x, step)
             n_inputs = x.shape[0]
             fire_counts = (out.feature_acts > 0).sum(0)
             if self.trainer.world_size > 1:  # the same dead features (ghost grads) on every rank
                 fire_counts = self.trainer.strategy.reduce(fire_counts, reduce_op="sum")
                 n_inputs = x.shape[0] * self.trainer.world_size
-            self.steps_since_fired.add_(1).masked_fill_(fire_counts > 0, 0)
-            self.window_density.update(fire_counts, n_inputs)
+            keep = skip.bool()  # a skipped step leaves the counters alone
+            advanced = self.steps_since_fired.add(1).masked_fill_(fire_counts > 0, 0)
+            self.steps_since_fired.copy_(torch.where(keep, self.steps_since_fired, advanced))
+            self.window_density.update(fire_counts * (1 - skip).to(fire_counts.dtype), n_inputs)
+        self._last_batch = x.detach()
         if self.global_step % self.hparams.feature_sampling_window == 0:
             self.close_density_window()
         if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.check_health()
             self.log_step(x, out)
         return out.total.detach()
 
-    def export_sae(self, directory) -> None:
+    @torch.no_grad()
+    def _record_skip(self, skip: torch.Tensor, x: torch.Tensor, step: int) -> None:
+        """Device-side bookkeeping of skipped steps (no host read)."""
+        first = (self.first_skipped_step < 0) & skip.bool()
+        self.first_skipped_step.copy_(torch.where(first, torch.full_like(self.first_skipped_step, step),
+                                                  self.first_skipped_step))
+        input_bad = ~torch.isfinite(x).all()
+        self.first_skipped_input_bad.copy_(torch.where(first, input_bad, self.first_skipped_input_bad))
+        self.skipped_steps.add_(skip.long())
+
+    @torch.no_grad()
+    def check_health(self) -> None:
+        """Raise TrainingDiverged if a step was non-finite or the SAE diverged (one device read)."""
+        if int(self.skipped_steps):
+            step = int(self.first_skipped_step)
+            if bool(self.first_skipped_input_bad):
+                cause = (f"the input activations of step {step} contained NaN or inf: the data or the backbone "
+                         "produced them, not the SAE (try data.autocast=32; check the shards or stored "
+                         "activations).")
+            else:
+                cause = (f"the loss or its gradients became non-finite at step {step} with finite inputs: "
+                         "lr or l1_coefficient is too high for these activations.")
+            raise TrainingDiverged(f"Training stopped: {cause} That step and {int(self.skipped_steps) - 1} later "
+                                   f"one(s) were skipped, so nothing was updated by them. {RESUME_ADVICE}")
+        norm = float(torch.nn.utils.get_total_norm([p.detach() for p in self.sae.parameters()]))
+        if not math.isfinite(norm):
+            raise TrainingDiverged(f"Training stopped at step {self.global_step}: the SAE's parameters are "
+                                   f"non-finite (norm {norm}). {RESUME_ADVICE}")
+        if self._last_batch is not None:  # the latest batch, reconstructed by the parameters as they are now
+            x = self._last_batch
+            x_hat = self.sae(x).double()
+            x = x.double()
+            variance = (x - x.mean(0)).pow(2).sum()
+            ev = float(1 - (x - x_hat).pow(2).sum() / variance) if float(variance) > 0 else 0.0
+            if not math.isfinite(ev) or ev < self.hparams.divergence_explained_variance:
+                raise TrainingDiverged(
+                    f"Training stopped at step {self.global_step}: the SAE diverged (explained variance {ev:.3g} "
+                    f"on this step's batch, below module.divergence_explained_variance="
+                    f"{self.hparams.divergence_explained_variance:g}; parameter norm {norm:.3g}). {RESUME_ADVICE}")
+
+    def on_train_end(self) -> None:
+        self.check_health()  # a run never ends "successfully" with skipped or diverged steps
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["sae_lightning_config"] = self.run_config
+
+    def export_sae(self, directory, step: int | None = None) -> None:
         """Save the SAE for raw (unscaled) activations: a training-time scale s is folded into the weights.
 
         The SAE trained on s*x computes f = ReLU((s x - b) W_enc + b_enc) and x_hat = (f W_dec + b)/s, which is
         exactly the standard SAE with W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b / s on x.
         """
         scale = float(self.activation_scale)
-        if scale == 1.0:
-            self.sae.save(directory)
-            return
-        folded = SparseAutoencoder(self.sae.d_in, self.sae.d_sae, l1_coefficient=self.sae.l1_coefficient,
-                                   mse=self.sae.mse_kind, metadata={**self.sae.metadata, "activation_scale": scale,
-                                   "normalize_activations_during_training": self.hparams.normalize_activations})
-        with torch.no_grad():
-            folded.W_enc.copy_(self.sae.W_enc * scale)
-            folded.W_dec.copy_(self.sae.W_dec / scale)
-            folded.b_enc.copy_(self.sae.b_enc)
-            folded.b_dec.copy_(self.sae.b_dec / scale)
-        folded.save(directory)
+        sae = self.sae
+        if scale != 1.0:
+            sae = SparseAutoencoder(self.sae.d_in, self.sae.d_sae, l1_coefficient=self.sae.l1_coefficient,
+                                    mse=self.sae.mse_kind, metadata={**self.sae.metadata, "activation_scale": scale,
+                                    "normalize_activations_during_training": self.hparams.normalize_activations})
+            with torch.no_grad():
+                sae.W_enc.copy_(self.sae.W_enc * scale)
+                sae.W_dec.copy_(self.sae.W_dec / scale)
+                sae.b_enc.copy_(self.sae.b_enc)
+                sae.b_dec.copy_(self.sae.b_dec / scale)
+        sae.save(directory, step=step)
 
     def close_density_window(self) -> None:
         """Log dead/ultra-rare/dense counts over the window; the histogram callback draws `density_ready`."""
@@ -175,12 +273,13 @@ class SAETrainingModule(LightningModule):
         for metric, args in ((self.explained_variance, (x_hat, x)),
                              (self.explained_variance_uncentred, (x_hat, x)), (self.l0, (f,))):
             metric.update(*args)
+        dead = self.dead_mask()
         values = {
             "losses/mse": out.mse, "losses/l1": out.l1, "losses/ghost": out.ghost, "losses/total": out.total,
             "metrics/mse": plain_mse, "metrics/mse_normalised": normalised_mse,
             "metrics/l0": self.l0.compute(), "metrics/explained_variance": self.explained_variance.compute(),
             "metrics/explained_variance_uncentred": self.explained_variance_uncentred.compute(),
-            "features/ghost_grad_features": (self.dead_mask().sum() if self.hparams.ghost_grads else 0.0),
+            "features/ghost_grad_features": dead.sum() if dead is not None else 0.0,
             "features/dead_in_window": (self.steps_since_fired > self.hparams.dead_feature_window).sum(),
             "lr": self.lr_schedulers().get_last_lr()[0],
         }
@@ -191,11 +290,15 @@ class SAETrainingModule(LightningModule):
             if hasattr(datamodule, name):
                 values[f"progress/{name}"] = float(getattr(datamodule, name))
         self.log_scalars(values)
-        self.log_dict({"loss": out.total.detach(), "l0": values["metrics/l0"],
-                       "ev": values["metrics/explained_variance_uncentred"]}, prog_bar=True, logger=False)
 
     def log_scalars(self, values: dict[str, Any]) -> None:
-        """Write scalars to every logger at x = optimiser steps (buffer-filling batches are not steps)."""
+        """Write scalars to every logger at x = optimiser steps (buffer-filling batches are not steps).
+
+        The same values go to `callback_metrics` (self.log with logger=False), so ModelCheckpoint and
+        EarlyStopping can monitor any of them by name, e.g. monitor="metrics/explained_variance_uncentred".
+        """
         scalars = {k: float(v) for k, v in values.items()}
+        self.last_metrics.update(scalars)
         for logger in self.loggers:
             logger.log_metrics(scalars, step=self.global_step)
+        self.log_dict(scalars, logger=False, on_step=True, on_epoch=False, batch_size=1)

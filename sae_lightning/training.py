@@ -1,25 +1,40 @@
-"""Build everything from a composed config and train: what `python train.py` runs."""
+"""Build everything from a composed config and train: what `python train.py` runs (docs/training.md)."""
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from sae_lightning.backbone import check_layer
-from sae_lightning.config import save_resolved_config
+from sae_lightning.callbacks import ExportSAECallback, FinalHParamsCallback, SAECheckpoint, stop_signal_name
+from sae_lightning.checkpoint_io import clean_stale_temporaries
+from sae_lightning.config import RESOLVED_CONFIG, save_resolved_config
 from sae_lightning.data.datamodule import require_train_shards
+from sae_lightning.validation import validate_train_config
 
 log = logging.getLogger(__name__)
 
 # Our checkpoints hold the state after each step on purpose; Lightning warns about it for manual optimisation.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+# What an SAE means: a resume that changes any of these would silently train a different SAE, so it refuses.
+SEMANTIC_KEYS = ("backbone._target_", "backbone.name", "backbone.pretrained", "backbone.quick_gelu", "layer", "tokens",
+                 "expansion", "sae._target_", "sae.mse", "module.normalize_activations", "data._target_")
+# Run artefacts: a directory holding any of them holds a run.
+RUN_ARTEFACTS = ("checkpoints", "sae", "tensorboard")
+SIGNAL_EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal number, as a shell reports it
 
 
 def sae_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
@@ -52,6 +67,19 @@ def total_steps(cfg: DictConfig, tokens_per_image: int, world_size: int = 1) -> 
     return math.ceil(cfg.training_images * tokens_per_image / (cfg.sae_batch_size * world_size))
 
 
+def schedule_steps(schedule: DictConfig | dict, activations_per_step: int) -> dict[str, int]:
+    """The config's `schedule` (in activations seen) in optimiser steps of `activations_per_step` activations.
+
+    Rounded to the nearest step; every interval is at least one step (a warm-up of 0 stays 0), so 1 or 8
+    devices, or another sae_batch_size, follow the same schedule per activation.
+    """
+    steps = {}
+    for name, activations in dict(schedule).items():
+        n = round(int(activations) / activations_per_step)
+        steps[name] = n if name == "lr_warmup" else max(1, n)
+    return steps
+
+
 def build_data(cfg: DictConfig):
     """(backbone, datamodule, d_in): image shards through a backbone, or stored activations (backbone null)."""
     if cfg.get("backbone") is None:
@@ -61,28 +89,211 @@ def build_data(cfg: DictConfig):
     return backbone, instantiate(cfg.data, backbone=backbone), backbone.width
 
 
+def holds_a_run(directory: Path) -> bool:
+    return any((directory / name).exists() for name in RUN_ARTEFACTS)
+
+
+def resolve_checkpoint(cfg: DictConfig, output_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `ckpt_path` as given, or for `ckpt_path=last` the run's own last.ckpt
+    if there is one (so a requeued job's command never changes); None for a fresh run."""
+    spec = cfg.get("ckpt_path")
+    if not spec:
+        return None
+    if str(spec) == "last":
+        last = output_dir / "checkpoints" / "last.ckpt"
+        return last if last.is_file() else None
+    path = Path(str(spec)).expanduser().resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={spec!r}: no such checkpoint file. Resume with "
+                                f"ckpt_path=<run>/checkpoints/last.ckpt, or ckpt_path=last inside the run directory.")
+    return path
+
+
+def checkpoint_run_dir(ckpt: Path) -> Path:
+    """The run directory a checkpoint belongs to (<run>/checkpoints/x.ckpt -> <run>)."""
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+
+
+def _select(cfg: dict | DictConfig, key: str) -> Any:
+    node = cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)
+    value = OmegaConf.select(node, key, default=None)
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def _flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def compare_resume_config(old: dict, new: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """Refuse a resume that changes what the SAE means; return the training knobs that changed."""
+    semantic = [(k, _select(old, k), _select(new, k)) for k in SEMANTIC_KEYS]
+    semantic = [(k, a, b) for k, a, b in semantic if a != b]
+    old_acts, new_acts = _select(old, "data.activations"), _select(new, "data.activations")
+    if isinstance(old_acts, dict) and isinstance(new_acts, dict):  # a generator spec: its output path may differ
+        old_acts, new_acts = ({k: v for k, v in a.items() if k != "save_to"} for a in (old_acts, new_acts))
+    if old_acts != new_acts:
+        semantic.append(("data.activations", old_acts, new_acts))
+    if semantic:
+        lines = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in semantic)
+        raise ValueError(f"This resume would change what the SAE means:\n{lines}\nResume with the checkpoint's "
+                         "values, or start a new run (without ckpt_path) to train a different SAE.")
+    flat_old = _flatten(OmegaConf.to_container(OmegaConf.create(old), resolve=False))
+    flat_new = _flatten(OmegaConf.to_container(new, resolve=True))
+    ignore = ("paths.", "ckpt_path", "overwrite", "hydra")
+    return {k: (flat_old.get(k), v) for k, v in flat_new.items()
+            if not k.startswith(ignore) and flat_old.get(k) != v and k in flat_old}
+
+
+def load_checkpoint_config(ckpt: Path) -> tuple[dict | None, int]:
+    """(the composed config stored in a checkpoint, or its run's resolved.yaml; the checkpoint's global step)."""
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types on a bad file; all mean "not a checkpoint"
+        raise ValueError(f"ckpt_path={str(ckpt)!r} is not a readable checkpoint ({type(err).__name__}: {err}). "
+                         f"Use another one from {ckpt.parent}/ (they are written atomically).") from err
+    config = state.get("sae_lightning_config")
+    if config is None:
+        resolved = checkpoint_run_dir(ckpt) / RESOLVED_CONFIG
+        config = OmegaConf.to_container(OmegaConf.load(resolved)) if resolved.is_file() else None
+    return config, int(state.get("global_step", 0))
+
+
+def prepare_run_directory(cfg: DictConfig, output_dir: Path, ckpt: Path | None) -> None:
+    """Refuse to train into another run's directory unless resuming it or asked to overwrite it."""
+    resuming_here = ckpt is not None and checkpoint_run_dir(ckpt).resolve() == output_dir.resolve()
+    if resuming_here or not holds_a_run(output_dir):
+        return
+    if cfg.get("overwrite"):
+        for name in (*RUN_ARTEFACTS, "eval"):
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+        log.warning("overwrite=true: removed the previous run's checkpoints, export, TensorBoard logs and "
+                    "evaluation from %s.", output_dir)
+        return
+    raise FileExistsError(
+        f"{output_dir} already holds a run (checkpoints/, sae/ or tensorboard/). To continue it: "
+        f"ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'} (or ckpt_path=last); to replace it: overwrite=true; "
+        f"otherwise choose another hydra.run.dir.")
+
+
+def run_name(output_dir: Path) -> str:
+    """The TensorBoard run name: the run directory's name, or for a sweep job its number and overrides."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            overrides = [o for o in hydra_cfg.overrides.task
+                         if not any(s in o.split("=")[0] for s in ("path", "shards", "dir", "hydra"))]
+            name = f"{hydra_cfg.job.num}" + (f"_{','.join(overrides)}" if overrides else "")
+            return name.replace("/", "_")[:120]
+    except (ImportError, ValueError):
+        pass
+    return output_dir.resolve().name
+
+
+def build_callbacks(cfg: DictConfig, has_backbone: bool) -> list:
+    callbacks = []
+    for node in (cfg.get("callbacks") or {}).values():
+        if node is None:
+            continue
+        callback = instantiate(node)
+        if getattr(callback, "requires_backbone", False) and not has_backbone:
+            continue  # e.g. the contrastive loss: there is no model to splice into
+        if isinstance(callback, ProgressBar) and not cfg.trainer.get("enable_progress_bar", True):
+            continue
+        callbacks.append(callback)
+    return callbacks
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None) -> list:
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        if node is None:
+            continue
+        kwargs = {}
+        target = str(node.get("_target_", ""))
+        if target.endswith("TensorBoardLogger"):
+            if node.get("name") is None:
+                kwargs["name"] = run_name(output_dir)
+            if resume_step is not None:  # hide the points logged after the checkpoint by the interrupted run
+                kwargs["purge_step"] = resume_step + 1
+        loggers.append(instantiate(node, **kwargs))
+    return loggers
+
+
 def train(cfg: DictConfig) -> Path:
     """Train one SAE as `cfg` says; returns the run directory."""
+    validate_train_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    ckpt = resolve_checkpoint(cfg, output_dir)
+    resume_step = None
+    knob_changes: dict = {}
+    if ckpt is not None:
+        old_config, resume_step = load_checkpoint_config(ckpt)
+        if old_config is not None:
+            knob_changes = compare_resume_config(old_config, cfg)
+    prepare_run_directory(cfg, output_dir, ckpt)
     if cfg.get("backbone") is not None:  # fail on shards and layer before any weights are downloaded
         require_train_shards(cfg.data.train_shards)
         if "name" in cfg.backbone:
             check_layer(cfg.backbone.name, cfg.layer)
-    save_resolved_config(cfg, output_dir)
-    L.seed_everything(cfg.seed, workers=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for path in clean_stale_temporaries(output_dir):
+        log.warning("Removed %s, left by an interrupted write.", path)
+    resolved_text = OmegaConf.to_yaml(cfg, resolve=True)
+    if ckpt is None:
+        save_resolved_config(cfg, output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     torch.set_float32_matmul_precision(cfg.matmul_precision)
 
     backbone, datamodule, d_in = build_data(cfg)
     sae = instantiate(cfg.sae, d_in=d_in, d_sae=cfg.expansion * d_in,
                       metadata=sae_metadata(cfg, backbone, datamodule))
-    module = instantiate(cfg.module, sae=sae, _convert_="all")  # plain types in checkpoints
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    callbacks = build_callbacks(cfg, backbone is not None)
+    plain_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks.append(FinalHParamsCallback(_flatten({k: v for k, v in plain_config.items() if k != "paths"})))
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=build_loggers(cfg, output_dir, resume_step))
+
+    activations_per_step = cfg.sae_batch_size * trainer.world_size
+    schedule = schedule_steps(cfg.schedule, activations_per_step)
+    module = instantiate(cfg.module, sae=sae, lr_warmup_steps=schedule["lr_warmup"],
+                         dead_feature_window=schedule["dead_feature_window"],
+                         feature_sampling_window=schedule["feature_sampling_window"], _convert_="all")
+    module.run_config = plain_config
+    for callback in trainer.callbacks:
+        if isinstance(callback, SAECheckpoint):
+            callback.set_interval(schedule["checkpoint_every"])
+        if hasattr(callback, "every_n_steps"):
+            callback.every_n_steps = schedule["contrastive_every"]
+        if isinstance(callback, ExportSAECallback) and ckpt is not None:
+            callback.pending_files[output_dir / RESOLVED_CONFIG] = resolved_text  # with the first new step
     steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1), trainer.world_size)
     trainer.fit_loop.epoch_loop.max_steps = steps
+
     source = f"{backbone.name} layer {datamodule.layer} ({datamodule.tokens} tokens)" if backbone else "activations"
-    log.info("Training a %d x %d SAE on %s for %d steps; outputs in %s", d_in, sae.d_sae, source, steps, output_dir)
-    log.debug("Config:\n%s", OmegaConf.to_yaml(cfg))
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    log.info("Training a %d x %d SAE on %s for %d steps of %d activations; outputs in %s", d_in, sae.d_sae, source,
+             steps, activations_per_step, output_dir)
+    log.info("Schedule in steps (from activations seen): warm-up %d, dead-feature window %d, density window %d, "
+             "checkpoint every %d, contrastive loss every %d.", schedule["lr_warmup"],
+             schedule["dead_feature_window"], schedule["feature_sampling_window"], schedule["checkpoint_every"],
+             schedule["contrastive_every"])
+    if ckpt is not None:
+        log.info("Resuming %s from step %d%s", output_dir, resume_step,
+                 "".join(f"\n  changed: {k}: {a!r} -> {b!r}" for k, (a, b) in knob_changes.items()))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    except SIGTERMException:
+        name = stop_signal_name(trainer)
+        log.warning("Stopped by %s after step %d. Resume with the same command plus ckpt_path=%s "
+                    "(exit code %d).", name, trainer.global_step, output_dir / "checkpoints" / "last.ckpt",
+                    SIGNAL_EXIT_CODES[name])
+        raise SystemExit(SIGNAL_EXIT_CODES[name]) from None
     return output_dir

@@ -51,13 +51,13 @@ def demo_overrides(output_dir: Path, data_dir: Path, shards: tuple[str, str], ex
         "data.buffer_size=256",
         "data.num_workers=1",
         "data.shuffle=64",
-        "module.lr_warmup_steps=5",
-        "module.dead_feature_window=4",
-        "module.feature_sampling_window=10",
+        "schedule.lr_warmup=320",  # in activations: 5 steps of 64
+        "schedule.dead_feature_window=256",  # 4 steps
+        "schedule.feature_sampling_window=640",  # 10 steps
+        "schedule.checkpoint_every=640",
+        "schedule.contrastive_every=640",
         "trainer.log_every_n_steps=5",
         "trainer.enable_progress_bar=false",
-        "callbacks.model_checkpoint.every_n_train_steps=10",
-        "callbacks.contrastive.every_n_steps=10",
         "callbacks.contrastive.n_images=64",
         "callbacks.contrastive.batch_size=32",
         *extra,

@@ -17,7 +17,10 @@ def test_defaults_are_the_seed_run():
     assert (cfg.layer, cfg.tokens, cfg.expansion) == (22, "cls", 64)
     assert (cfg.l1_coefficient, cfg.lr, cfg.sae_batch_size) == (8e-5, 4e-4, 1024)
     assert cfg.training_images == 2_621_440 and cfg.training_images // cfg.sae_batch_size == 2560
-    assert cfg.module.lr_warmup_steps == 500 and cfg.module.dead_feature_window == 64
+    # schedules in activations: the seed's 500 / 64 / 500 / 500 / 200 steps of 1,024
+    assert dict(cfg.schedule) == {"lr_warmup": 512000, "dead_feature_window": 65536,
+                                  "feature_sampling_window": 512000, "checkpoint_every": 512000,
+                                  "contrastive_every": 204800}
     assert cfg.module.ghost_grads and cfg.module.b_dec_init == "geometric_median"
     assert cfg.data.buffer_size == 15360 and cfg.data.layer == 22
 
@@ -37,3 +40,23 @@ def test_demo_swaps_backbone_data_and_trainer():
     assert cfg.backbone._target_.endswith("load_tiny_backbone")
     assert cfg.trainer.accelerator == "cpu"
     assert "demo_shards" in OmegaConf.to_container(cfg.data)["train_shards"]
+
+
+def test_schedule_in_activations_follows_the_seed_per_activation_on_any_number_of_devices():
+    """8 GPUs x 1,024 per step: the seed's warm-up of 512k activations is 62.5 -> 62 steps, not 500."""
+    from sae_lightning.training import schedule_steps
+
+    seed = compose_config().schedule
+    assert schedule_steps(seed, 1024) == {"lr_warmup": 500, "dead_feature_window": 64,
+                                          "feature_sampling_window": 500, "checkpoint_every": 500,
+                                          "contrastive_every": 200}
+    eight = schedule_steps(seed, 8 * 1024)
+    assert eight == {"lr_warmup": 62, "dead_feature_window": 8, "feature_sampling_window": 62,
+                     "checkpoint_every": 62, "contrastive_every": 25}
+    # the seed's run on 8 GPUs is 320 steps: it now leaves warm-up after 62 of them
+    assert 2_621_440 // (8 * 1024) == 320 > eight["lr_warmup"]
+    assert schedule_steps({"lr_warmup": 0, "checkpoint_every": 10}, 1024) == {"lr_warmup": 0, "checkpoint_every": 1}
+    demo = compose_config(["experiment=demo"])
+    assert schedule_steps(demo.schedule, demo.sae_batch_size) == {
+        "lr_warmup": 30, "dead_feature_window": 32, "feature_sampling_window": 50, "checkpoint_every": 100,
+        "contrastive_every": 50}

@@ -27,8 +27,27 @@ SCALAR_TAGS = [
 pytestmark = pytest.mark.slow
 
 
+def training_events_dir(run_dir: Path) -> Path:
+    """<run>/tensorboard/<run name>/: the training run, named after its directory (evaluation adds eval/)."""
+    runs = [d for d in (run_dir / "tensorboard").iterdir() if d.is_dir() and d.name != "eval"]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def hparams_tags(run_dir: Path) -> set[str]:
+    """Tags of the HParams plugin's summaries in the training run's event files."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    tags = set()
+    for path in training_events_dir(run_dir).glob("events.out.tfevents.*"):
+        for event in EventFileLoader(str(path)).Load():
+            tags.update(v.tag for v in event.summary.value if v.metadata.plugin_data.plugin_name == "hparams")
+    return tags
+
+
 def read_events(run_dir: Path) -> EventAccumulator:
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    events = EventAccumulator(str(training_events_dir(run_dir)),
+                              size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
     events.Reload()
     return events
 
@@ -46,6 +65,27 @@ def test_demo_run_logs_every_tag(demo_run):
     assert lrs[5] == pytest.approx(1e-3, rel=1e-6) and lrs[30] == pytest.approx(1e-3, rel=1e-6)
     seen = [e.value for e in events.Scalars("progress/images_seen")]
     assert seen == sorted(seen) and seen[-1] >= 30 * 64
+    # the run is named after its directory, not "."; the frozen model's contrastive losses are one point each
+    assert training_events_dir(demo_run).name == demo_run.name
+    assert len(events.Scalars("contrastive/loss_original")) == 1 and len(events.Scalars("contrastive/loss_sae")) >= 3
+    assert events.Scalars("contrastive/batch_size")[0].value == 32
+    # HParams tab: the whole composed config and the final metrics
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= hparams_tags(demo_run)
+    assert events.Scalars("final/step")[0].step == 30
+
+
+def test_last_checkpoint_is_the_final_state_when_steps_are_not_a_multiple_of_the_interval(tmp_path, data_dir,
+                                                                                          tiny_shards):
+    from sae_lightning.sae.io import read_sae_step
+    from sae_lightning.training import train
+
+    cfg = compose_config(demo_overrides(tmp_path, data_dir, tiny_shards, ["max_steps=25"]))  # interval: 10 steps
+    train(cfg)
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 25 and read_sae_step(tmp_path / "sae") == 25
+    sae = SparseAutoencoder.load(tmp_path / "sae")
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(getattr(sae, name), ckpt["state_dict"][f"sae.{name}"]), name
 
 
 def test_resolved_config_and_exported_sae_match_the_checkpoint(demo_run):
@@ -113,12 +153,20 @@ def test_ddp_on_cpu_trains_and_exports(tmp_path, data_dir, tiny_shards):
     overrides = [o for o in demo_overrides(tmp_path, data_dir, tiny_shards)
                  if not o.startswith(("paths.output_dir", "training_images"))]
     result = run_train_cli([*overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                            "training_images=640", f"hydra.run.dir={tmp_path}"])
+                            "data.resampled=true", "training_images=640", f"hydra.run.dir={tmp_path}",
+                            "+callbacks.ranks._target_=tests.helpers.RankStateDump",
+                            f"+callbacks.ranks.directory={tmp_path / 'ranks'}"])
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 5  # 640 images at 64 per rank and step, 2 ranks: 5 steps, not 10
     assert ckpt["ImageActivationDataModule"]["images_seen"] >= 5 * 64  # rank 0's share
     SparseAutoencoder.load(tmp_path / "sae")
+    # every rank ends with the same SAE, b_dec (broadcast in place from rank 0) and dead-feature state
+    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert set(ranks[0]) >= {"W_enc", "W_dec", "b_enc", "b_dec", "steps_since_fired", "window_fired"}
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    assert ranks[0]["b_dec"].abs().sum() > 0
 
 
 def test_all_tokens_run_serves_exact_sae_batches(tmp_path, data_dir, tiny_shards):

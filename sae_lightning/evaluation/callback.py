@@ -1,8 +1,11 @@
 """Training callback: the contrastive-loss delta of the SAE spliced into CLIP, on a fixed held-out batch.
 
 The backbone is frozen, so the residual streams at `layer`, the original and the zero-ablated image
-features of the held-out images are computed once at fit start; every `every_n_steps` optimiser steps only
-the SAE branch (SAE + the blocks after `layer`) runs again. Rank 0 only; values go to every logger.
+features of the held-out images are computed once at fit start; every `every_n_steps` optimiser steps (train.py
+derives it from `schedule.contrastive_every`, in activations) only the SAE branch (SAE + the blocks after
+`layer`) runs again. The original and ablated losses are constants: they are logged once, with the batch size
+(the loss grows with it: compare runs at the same `batch_size`; evaluate.py uses the seed's 1,024).
+Rank 0 only; values go to every logger.
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ log = logging.getLogger(__name__)
 class ContrastiveEvalCallback(Callback):
     """Logs contrastive/loss_{original,sae,ablated}, contrastive/score and contrastive/zero_shot_* ."""
 
+    requires_backbone = True  # train.py leaves it out of runs on stored activations
+
     def __init__(self, every_n_steps: int = 200, n_images: int = 256, batch_size: int = 64) -> None:
         if every_n_steps < 1 or n_images < 1 or batch_size < 1:
             raise ValueError("every_n_steps, n_images and batch_size must be positive")
         self.every_n_steps, self.n_images, self.batch_size = every_n_steps, n_images, batch_size
         self.enabled = False
         self._last_step = -1
+        self._constants_logged = False
 
     @torch.no_grad()
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -109,6 +115,15 @@ class ContrastiveEvalCallback(Callback):
         self._last_step = step
         values = self.evaluate(pl_module.sae, float(getattr(pl_module, "activation_scale", 1.0)))
         metrics = {f"contrastive/{_short(k)}": v for k, v in values.items()}
+        constant = [k for k in metrics if k.endswith(("_original", "_ablated"))]
+        if self._constants_logged:  # the frozen model's losses never change: one point each
+            metrics = {k: v for k, v in metrics.items() if k not in constant}
+        else:
+            metrics["contrastive/batch_size"] = float(self.batch_size)
+            metrics["contrastive/n_images"] = float(self.residuals and sum(len(lab) for lab in self.labels))
+            self._constants_logged = True
+        if hasattr(pl_module, "last_metrics"):
+            pl_module.last_metrics.update(metrics)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
 

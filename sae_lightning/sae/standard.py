@@ -70,7 +70,7 @@ class SparseAutoencoder(nn.Module):
         mse_elem = F_sae.mse_elementwise(x_hat, x, normalised=self.mse_kind == "normalised")
         mse = mse_elem.mean()
         l1 = feature_acts.abs().sum(-1).mean()
-        if dead_mask is not None and bool(dead_mask.any()):
+        if dead_mask is not None:  # dense: no host read of how many features are dead
             ghost = F_sae.ghost_grad_loss(x, x_hat, hidden_pre, self.W_dec, dead_mask, mse_elem)
         else:
             ghost = mse.new_zeros(())
@@ -81,9 +81,12 @@ class SparseAutoencoder(nn.Module):
         """The cfg.json contents (SAELens fields plus this project's metadata)."""
         return io.saelens_config(self)
 
-    def save(self, directory: str | Path) -> Path:
-        """Write `directory/cfg.json` and `sae_weights.safetensors` atomically."""
-        return io.save_sae(self, directory)
+    def save(self, directory: str | Path, step: int | None = None) -> Path:
+        """Write `directory/cfg.json` and `sae_weights.safetensors` crash-safely (docs/format-sae.md).
+
+        `step`: the training step, recorded in the weights file's header.
+        """
+        return io.save_sae(self, directory, step=step)
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> "SparseAutoencoder":
