@@ -13,9 +13,11 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from sae_lightning.backbone import load_tiny_backbone
-from sae_lightning.data.shards import image_batches
+from sae_lightning.data.shards import expand_shards, image_batches
 from sae_lightning.data.synthetic import DEMO_CLASSNAMES
-from sae_lightning.evaluation.run import evaluate_run, stream_pass
+from sae_lightning.evaluation.outputs import HEADLINE_METRICS as HEADLINE
+from sae_lightning.evaluation.run import evaluate_run
+from sae_lightning.evaluation.stream import count_shard_images, stream_pass
 from sae_lightning.sae import SparseAutoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,26 +39,44 @@ def _eval_cfg(overrides):
 
 
 @pytest.fixture(scope="module")
-def evaluated(demo_run) -> Path:
-    cmd = [sys.executable, "evaluate.py", f"run={demo_run}", "n_images=100", "features=[0,3]", "top_k=5",
-           "batch_size=32", "num_workers=0", "device=cpu", "n_grid_features=1"]
+def evaluation(demo_run) -> tuple[Path, str]:
+    """evaluate.py with the default n_images (524,288) on 128 held-out images: (eval dir, console output)."""
+    cmd = [sys.executable, "evaluate.py", f"run={demo_run}", "features=[0,3]", "top_k=5", "batch_size=32",
+           "contrastive_batch_size=32", "num_workers=0", "device=cpu", "n_grid_features=1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    return demo_run / "eval"
+    return demo_run / "eval", done.stdout + done.stderr
+
+
+@pytest.fixture(scope="module")
+def evaluated(evaluation) -> Path:
+    return evaluation[0]
+
+
+@pytest.mark.slow
+def test_console_progress_totals_what_is_read_and_stays_quiet(evaluation):
+    _, console = evaluation
+    assert "128/128" in console and "524288" not in console  # old: "64/524288, ETA ..." on a few images
+    assert "contrastive loss in batches of 32 images" in console
+    assert "Loaded built-in" not in console and "Final image preprocessing" not in console  # open_clip INFO
+    assert "cannot resolve the ultra-rare threshold" in console  # 1/128 > 1e-5
 
 
 @pytest.mark.slow
 def test_metrics_json_has_every_key(evaluated):
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert DESIGN_KEYS <= set(metrics)
-    assert metrics["n_images"] == 100 and metrics["top_k"] == 5
+    assert metrics["n_images"] == 128 and metrics["top_k"] == 5 and metrics["format_version"] == 2
     assert metrics["contrastive_loss_original"] > 0 and 0 <= metrics["zero_shot_accuracy_sae"] <= 1
+    assert metrics["contrastive_batch_size"] == 32 and metrics["contrastive_batches"] == 4
+    assert metrics["zero_shot_kl_ablated"] > 0 and metrics["contrastive_undefined_reason"] is None
     assert metrics["dead_features"] + (metrics["n_features"] - metrics["live_features"]) >= 0
-    assert "![cluster_scatter](plots/cluster_scatter.png)" in (evaluated / "report.md").read_text()
+    assert any("ultra-rare" in w for w in metrics["warnings"])
+    assert "(plots/cluster_scatter.png)" in (evaluated / "report.md").read_text()
 
 
 @pytest.mark.slow
-def test_plots_are_valid_pngs_and_in_tensorboard(evaluated, demo_run):
+def test_plots_are_valid_pngs_and_tensorboard_has_one_card(evaluated, demo_run):
     names = {p.name for p in (evaluated / "plots").glob("*.png")}
     assert {"density_histogram.png", "cluster_scatter.png", "alignment_max_cosine.png",
             "alignment_counts.png", "top_images_feature_0.png", "top_images_feature_3.png"} <= names
@@ -65,7 +85,17 @@ def test_plots_are_valid_pngs_and_in_tensorboard(evaluated, demo_run):
         with PIL.Image.open(png) as image:
             image.verify()
             assert image.format == "PNG"
-    assert list((demo_run / "tensorboard" / "eval").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(evaluated / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    tags = events.Tags()
+    text = [t for t in tags["tensors"] if t.startswith("evaluation")]
+    assert len(text) == 1  # one text card (old code: 37 single-point scalar charts and the figures)
+    assert not tags["images"]
+    assert set(tags["scalars"]) <= {f"eval/{k}" for k in HEADLINE} and len(tags["scalars"]) <= len(HEADLINE)
+    assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # the HParams tab entry
+    assert not (demo_run / "tensorboard" / "eval").exists()
 
 
 @pytest.mark.slow
@@ -73,13 +103,16 @@ def test_per_feature_files_read_back_as_documented(evaluated):
     tensors = load_file(str(evaluated / "features.safetensors"))
     meta = json.loads((evaluated / "features.json").read_text())
     n, k = meta["n_features"], meta["k"]
-    assert k == 5 and meta["n_images"] == 100
+    assert k == 5 and meta["n_images"] == 128 and meta["format_version"] == 2
     for name, spec in meta["tensors"].items():
         assert list(tensors[name].shape) == spec["shape"]
     assert tensors["top_indices"].shape == (n, k) and tensors["top_values"].dtype == torch.float32
-    assert tensors["entropy_defined"].dtype == torch.bool
-    undefined = ~tensors["entropy_defined"]
-    assert torch.isnan(tensors["label_entropy"][undefined]).all()
+    assert tensors["label_entropy_images"].dtype == torch.int64
+    never_fired = tensors["label_entropy_images"] == 0
+    assert torch.equal(torch.isnan(tensors["label_entropy"]), never_fired)
+    assert torch.equal(tensors["label_entropy_images"], (tensors["top_indices"] >= 0).sum(1))
+    strict = tensors["label_entropy_images"] == k
+    assert torch.equal(torch.isnan(tensors["label_entropy_top_k"]), ~strict)
     padded = tensors["top_indices"] == -1
     assert torch.isinf(tensors["top_values"][padded]).all() and (tensors["top_labels"][padded] == -1).all()
 
@@ -99,7 +132,7 @@ def test_per_feature_files_read_back_as_documented(evaluated):
                 assert labels_by_key[meta["image_keys"][str(idx)]] == label
                 checked += 1
     assert checked > 0
-    assert all(0 <= int(i) < 100 for i in meta["image_keys"])
+    assert all(0 <= int(i) < 128 for i in meta["image_keys"])
 
 
 def test_clear_errors_for_a_wrong_run(tmp_path):
@@ -121,7 +154,7 @@ def test_stream_pass_chunking_does_not_change_results(tmp_path, tiny_shards, tok
         loader = image_batches(tiny_shards[1], backbone.preprocess, 8, shuffle=0, shardshuffle=False,
                                partial=True)
         results.append(stream_pass(backbone, sae, loader, layer=1, tokens=tokens, n_images=20, k=4,
-                                    classnames=DEMO_CLASSNAMES, batch_size=8, max_tokens=max_tokens,
+                                    classnames=DEMO_CLASSNAMES, contrastive_batch_size=8, max_tokens=max_tokens,
                                     device=torch.device("cpu")))
     a, b = results
     assert a.stats.n_images == 20 and a.stats.n_tokens == 20 * backbone.n_tokens_for(tokens)
@@ -130,3 +163,10 @@ def test_stream_pass_chunking_does_not_change_results(tmp_path, tiny_shards, tok
     assert a.reconstruction == pytest.approx(b.reconstruction)
     assert a.contrastive == pytest.approx(b.contrastive, nan_ok=True)
     assert a.keys == b.keys and set(a.keys) == set(a.stats.top_indices[a.stats.top_indices >= 0].tolist())
+
+
+def test_count_shard_images_reads_headers_and_stops_at_the_limit(tiny_shards):
+    urls = expand_shards(tiny_shards[1])
+    assert count_shard_images(urls, 10**9) == 128
+    assert count_shard_images(urls, 20) == 20
+    assert count_shard_images(["pipe:cat x.tar"], 10) is None

@@ -55,7 +55,9 @@ def test_density_and_mean_activation_over_tokens():
     assert stats.mean_activation.tolist() == pytest.approx([2.0, 5.0])
     # per-image activation is the max over the image's tokens
     assert stats.top_values[0].tolist() == [3.0, 2.0] and stats.top_indices[0].tolist() == [0, 2]
-    assert stats.entropy_defined.tolist() == [True, False]
+    assert stats.entropy_defined.tolist() == [True, True]  # the seed's entropy: defined once a feature fired
+    assert stats.label_entropy_images.tolist() == [2, 1]
+    assert stats.label_entropy_top_k.isnan().tolist() == [False, True]  # strict: fewer than k=2 images fired
 
 
 def test_label_entropy_known_distribution_and_undefined():
@@ -70,7 +72,7 @@ def test_label_entropy_known_distribution_and_undefined():
     acts = torch.tensor([[3.0, 1.0], [1.0, 0.0], [2.0, 0.0], [2.0, 0.0]])
     stats = _stream(acts, torch.tensor([7, 7, 1, 2]), k=4, batch=2).compute()
     assert stats.label_entropy[0].item() == pytest.approx(h[0].item(), abs=1e-6)
-    assert math.isnan(stats.label_entropy[1]) and not stats.entropy_defined[1]  # 1 < k images fire
+    assert math.isnan(stats.label_entropy_top_k[1])  # strict top-k: 1 < k images fire
 
 
 def test_key_table_keeps_only_referenced_images():
@@ -92,3 +94,21 @@ def test_topk_merge_scales_to_65536_features():
     stats = acc.compute()
     assert stats.top_values.shape == (65536, 20)
     assert torch.equal(stats.top_values[:, 0], acts.max(0).values.where(acts.max(0).values > 0, -math.inf))
+
+
+def test_label_entropy_the_seeds_way_falls_back_to_all_images_that_fired():
+    """Issue 7 item 7: fewer than k images fired -> entropy over all of them, with the count; never fired -> NaN."""
+    k = 20
+    acts = torch.zeros(30, 3)
+    acts[:3, 0] = torch.tensor([4.0, 1.0, 3.0])  # feature 0 fires on 3 < 20 images, labels 0, 1, 0
+    acts[:, 1] = torch.arange(1, 31, dtype=torch.float32)  # feature 1 fires on all 30
+    labels = torch.tensor([0, 1, 0] + [5] * 27)
+    stats = _stream(acts, labels, k=k, batch=8).compute()
+    p = torch.tensor([7 / 8, 1 / 8])  # label 0: 4 + 3, label 1: 1
+    assert stats.label_entropy[0].item() == pytest.approx(-(p * p.log()).sum().item(), abs=1e-6)
+    assert stats.label_entropy_images.tolist() == [3, 20, 0]
+    assert math.isnan(stats.label_entropy_top_k[0])  # the strict value beside it
+    # feature 1: its top 20 are images 10..29, all label 5 -> 0, strict and seed's alike
+    assert stats.label_entropy[1].item() == pytest.approx(0.0, abs=1e-7)
+    assert stats.label_entropy_top_k[1].item() == pytest.approx(0.0, abs=1e-7)
+    assert math.isnan(stats.label_entropy[2]) and not stats.entropy_defined[2]  # never fired

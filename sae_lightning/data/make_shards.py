@@ -83,24 +83,49 @@ def imagefolder_to_shards(
     seed: int = 0,
     imagenet_names: bool = False,
     max_images: int | None = None,
+    holdout: int = 0,
+    holdout_prefix: str = "holdout",
 ) -> list[str]:
     """Write `out_dir/{prefix}-%06d.tar` shards and `classnames.txt` from an ImageFolder tree.
 
     Files are shuffled by default: folders are sorted by class, so unshuffled shards stream one class
     after another, which a finite shuffle buffer cannot undo. max_images takes a random subset.
+    holdout > 0 first sets aside that many of the (shuffled) files as `{holdout_prefix}-%06d.tar`, disjoint
+    from the `{prefix}` shards (which get the rest, up to max_images): held-out images from the training
+    distribution, e.g. the seed's 524,288-image evaluation. Returns the `{prefix}` shards' paths.
     """
     root, out_dir = Path(root).expanduser(), Path(out_dir).expanduser()
+    if holdout < 0:
+        raise ValueError(f"--holdout {holdout}: must be >= 0")
+    if holdout and holdout_prefix == prefix:
+        raise ValueError(f"--holdout-prefix {holdout_prefix!r} must differ from --prefix {prefix!r}")
+    if max_images is not None and max_images < 1:
+        raise ValueError(f"--max-images {max_images}: must be >= 1")
     classes, files = find_images(root)
     names = class_names(classes, imagenet_names)
+    if holdout >= len(files):
+        raise ValueError(f"--holdout {holdout} leaves no training image: {root} has {len(files)} image files")
     if shuffle:
         random.Random(seed).shuffle(files)
+    held, files = files[:holdout], files[holdout:]
     if max_images is not None:
         files = files[:max_images]
     out_dir.mkdir(parents=True, exist_ok=True)
-    existing = sorted(out_dir.glob(f"{prefix}-*.tar"))
-    if existing:
-        raise FileExistsError(f"{out_dir} already has {len(existing)} {prefix}-*.tar shard(s); "
-                              "remove them or choose another --out / --prefix")
+    for name in (prefix, holdout_prefix) if holdout else (prefix,):
+        existing = sorted(out_dir.glob(f"{name}-*.tar"))
+        if existing:
+            raise FileExistsError(f"{out_dir} already has {len(existing)} {name}-*.tar shard(s); "
+                                  "remove them or choose another --out / --prefix")
+    if held:
+        held_shards = _write_shards(held, out_dir, holdout_prefix, shard_size)
+        log.info("held out %d image(s) in %d shard(s): %s-*.tar", len(held), len(held_shards), holdout_prefix)
+    written = _write_shards(files, out_dir, prefix, shard_size)
+    (out_dir / CLASSNAMES_FILE).write_text("\n".join(names) + "\n", encoding="utf-8")
+    return written
+
+
+def _write_shards(files: list[tuple[Path, int]], out_dir: Path, prefix: str, shard_size: int) -> list[str]:
+    """`out_dir/{prefix}-%06d.tar` with keys `{prefix}_%08d`; unreadable files are skipped and counted."""
     written: list[str] = []
     n_written = n_skipped = 0
     pattern = str(out_dir / f"{prefix}-%06d.tar")
@@ -114,7 +139,6 @@ def imagefolder_to_shards(
                 continue
             sink.write({"__key__": f"{prefix}_{n_written:08d}", key: data, "cls": label})
             n_written += 1
-    (out_dir / CLASSNAMES_FILE).write_text("\n".join(names) + "\n", encoding="utf-8")
     log.info("wrote %d images in %d shard(s) to %s; skipped %d unreadable file(s)",
              n_written, len(written), out_dir, n_skipped)
     return written
@@ -138,13 +162,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imagenet-names", action="store_true",
                         help="write open_clip's readable ImageNet names (needs the 1000 synset folders)")
     parser.add_argument("--max-images", type=int, default=None, help="write only a random subset of N images")
+    parser.add_argument("--holdout", type=int, default=0, metavar="N",
+                        help="first set aside N random images as <holdout-prefix>-*.tar, disjoint from the "
+                        "<prefix> shards: held-out images for evaluate.py val_shards=... (the seed: 524288)")
+    parser.add_argument("--holdout-prefix", default="holdout", help="names of the held-out shards")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     shards = imagefolder_to_shards(
         args.root, args.out, prefix=args.prefix, shard_size=args.shard_size, shuffle=args.shuffle,
         seed=args.seed, imagenet_names=args.imagenet_names, max_images=args.max_images,
+        holdout=args.holdout, holdout_prefix=args.holdout_prefix,
     )
-    print(f"{len(shards)} shard(s) in {args.out}")
+    print(f"{len(shards)} {args.prefix} shard(s) in {args.out}"
+          + (f", held-out images in {args.holdout_prefix}-*.tar" if args.holdout else ""))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
+from sae_lightning.atomic import exchange_paths, fsync_dir
 from sae_lightning.evaluation import plots
 from sae_lightning.evaluation.analyses import FORMAT_VERSION, Evaluation
 from sae_lightning.evaluation.report import render_report
@@ -148,17 +149,23 @@ WRITERS: tuple[Callable[[Evaluation, Path], None], ...] = (
 
 
 def swap_in(new: Path, out: Path) -> None:
-    """Replace `out` by the complete directory `new` (a sibling): rename the old one aside, rename the new one
-    in, then delete the old one. A crash between the two renames leaves the old evaluation complete under
-    `.<name>.old-*` beside it."""
-    old = None
-    if out.exists():
+    """Replace `out` by the complete directory `new` (a sibling of it).
+
+    Where Linux allows, the two are exchanged in one atomic step; elsewhere the old one is renamed aside
+    first (a crash between the two renames leaves it complete under `.<name>.old-*` beside `out`).
+    """
+    fsync_dir(new)
+    if not out.exists():
+        new.rename(out)
+    elif exchange_paths(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # now the old evaluation
+    else:
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         old.rmdir()
         out.rename(old)
-    new.rename(out)
-    if old is not None:
+        new.rename(out)
         shutil.rmtree(old, ignore_errors=True)
+    fsync_dir(out.parent)
 
 
 def write_evaluation(ev: Evaluation, out: Path) -> Path:
