@@ -366,3 +366,86 @@ def test_backbone_stays_frozen_and_in_eval(backbone, images):
     acts = backbone.activations(images.clone().requires_grad_(True), 1, "cls")
     assert acts.grad_fn is None and not acts.requires_grad
     parent.eval()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 8. uint8 images: the normalisation moves from the DataLoader workers to the device
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pil_images(n: int = 3, size: int = 45):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 256, (size, size + 7, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_uint8_images_give_the_same_activations_as_preprocess(backbone):
+    pil = pil_images()
+    floats = torch.stack([backbone.preprocess(im) for im in pil])
+    pixels = torch.stack([backbone.pixel_transform(im) for im in pil])
+    assert pixels.dtype == torch.uint8 and pixels.shape == floats.shape == (3, 3, 32, 32)
+    assert pixels.element_size() * pixels.nelement() * 4 == floats.element_size() * floats.nelement()
+    torch.testing.assert_close(backbone.prepare_images(pixels), floats, rtol=0, atol=1e-6)
+    torch.testing.assert_close(backbone.normalise_pixels(pixels.float() / 255), floats, rtol=0, atol=1e-6)
+    # by hand: (x / 255 - mean) / std with OpenAI's CLIP mean and std
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    torch.testing.assert_close(backbone.normalise_pixels(pixels[:1].float() / 255)[0],
+                               (pixels[0].float() / 255 - mean) / std)
+    for tokens in TOKENS:  # both kinds of input through every image entry point
+        torch.testing.assert_close(backbone.activations(pixels, 2, tokens), backbone.activations(floats, 2, tokens),
+                                   rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backbone.residual(pixels, 1), backbone.residual(floats, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(backbone.encode_image(pixels), backbone.encode_image(floats), rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="float images"):
+        backbone.normalise_pixels(pixels)
+    with pytest.raises(TypeError, match="uint8"):
+        backbone.residual(pixels.long(), 1)
+
+
+def test_activations_check_tokens(backbone, images):
+    with pytest.raises(ValueError, match=r"'foo'.*cls"):
+        backbone.activations(images, 1, "foo")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 9. QuickGELU for local files holding OpenAI's weights
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def openai_style(tmp_path_factory):
+    """A tiny CLIP built the OpenAI way (QuickGELU), saved as OpenAI lays its checkpoints out."""
+    root = tmp_path_factory.mktemp("openai")
+    torch.manual_seed(3)
+    model = open_clip.create_model(TINY_MODEL_NAME, pretrained=None, force_quick_gelu=True).eval()
+    state = dict(model.state_dict())
+    state.update(input_resolution=torch.tensor(32), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
+    torch.save(state, root / "clip_state_dict.pt")  # OpenAI's `clip` package state dict
+    torch.jit.save(torch.jit.script(model), root / "clip_jit.pt")  # OpenAI's released files are TorchScript
+    torch.save(model.state_dict(), root / "plain.pt")  # open_clip's layout: nothing says where it came from
+    return root, model
+
+
+@pytest.mark.parametrize("filename", ["clip_state_dict.pt", "clip_jit.pt"])
+def test_openai_layout_local_file_gets_quick_gelu(openai_style, filename, images):
+    root, model = openai_style
+    loaded = load_backbone(TINY_MODEL_NAME, pretrained=str(root / filename))
+    assert all(isinstance(blk.mlp.gelu, QuickGELU) for blk in loaded.visual.transformer.resblocks)
+    hooked, features = block_output_via_hook(model, 2, images)  # the model as it was trained
+    torch.testing.assert_close(loaded.residual(images, 2), hooked, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loaded.encode_image(images), features, rtol=1e-5, atol=1e-6)
+    explicit = load_backbone(TINY_MODEL_NAME, pretrained=str(root / filename), quick_gelu=False)  # honoured, warned
+    assert all(type(blk.mlp.gelu) is nn.GELU for blk in explicit.visual.transformer.resblocks)
+
+
+def test_ambiguous_local_file_for_an_openai_architecture_refuses(openai_style, monkeypatch):
+    root, _ = openai_style
+    fail_on_download(monkeypatch)
+    with pytest.raises(ValueError, match=r"plain\.pt.*backbone\.quick_gelu=true.*backbone\.quick_gelu=false"):
+        load_backbone("ViT-B-32", pretrained=str(root / "plain.pt"))  # ViT-B-32 has OpenAI and LAION weights
+    for choice in (True, False):
+        assert resolve_model_args("ViT-B-32", str(root / "plain.pt"), choice)["force_quick_gelu"] is choice
+    assert resolve_model_args("ViT-B-32", str(root / "clip_jit.pt"))["force_quick_gelu"] is True

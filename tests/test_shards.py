@@ -18,7 +18,7 @@ from torchvision import transforms
 from sae_lightning.data import synthetic
 from sae_lightning.data.make_shards import imagefolder_to_shards
 from sae_lightning.data.make_shards import main as make_shards_main
-from sae_lightning.data.shards import expand_shards, image_batches, image_loader, load_classnames
+from sae_lightning.data.shards import RateLimitedWarning, expand_shards, image_batches, image_loader, load_classnames
 from sae_lightning.data.synthetic import DEMO_CLASSNAMES, ensure_demo_shards, write_demo_shards
 
 TRANSFORM = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32), transforms.ToTensor()])
@@ -196,6 +196,30 @@ def test_expand_shards(tmp_path):
         expand_shards(str(tmp_path / "nothing-*.tar"))
     with pytest.raises(FileNotFoundError):
         expand_shards([])
+
+
+def test_a_directory_is_not_a_shard(tmp_path):
+    (tmp_path / "s-000000.tar").touch()
+    for pattern in (str(tmp_path), str(tmp_path) + "/", [str(tmp_path / "s-000000.tar"), str(tmp_path)]):
+        with pytest.raises(ValueError, match=r"is a directory, not a shard.*" + str(tmp_path) + r"/\*\.tar"):
+            expand_shards(pattern)
+    assert expand_shards(str(tmp_path / "*.tar")) == [str(tmp_path / "s-000000.tar")]  # what it suggests works
+
+
+def test_rate_limited_warning_summarises_repeats(caplog):
+    now = [0.0]
+    limiter = RateLimitedWarning(logging.getLogger("t"), "bad-thing", first=3, interval=10.0, clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="t"):
+        for i in range(1000):
+            limiter.warn("bad sample %d", i)
+            now[0] += 0.001  # 1,000 warnings in one second
+        assert [r.getMessage() for r in caplog.records] == [
+            "bad sample 0", "bad sample 1", "bad sample 2", "further bad-thing warnings are summarised every 10 s"]
+        now[0] += 10.0
+        limiter.warn("bad sample %d", 1000)
+    assert len(caplog.records) == 5
+    assert caplog.records[-1].getMessage().startswith("998 more bad-thing warning(s) in the last 11 s (1001 in total)")
+    assert caplog.records[-1].getMessage().endswith("latest: bad sample 1000")
 
 
 def test_load_classnames(tmp_path):
