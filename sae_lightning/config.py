@@ -17,10 +17,19 @@ def _demo_shards(root: str, split: str, n_train: int, n_val: int, image_size: in
     return {"train": train, "val": val}[split]
 
 
+def _tiny_clip(path: str) -> str:
+    """`${tiny_clip:path}`: train the demo's tiny CLIP into `path` on first use (cached by config hash)."""
+    from sae_lightning.world.train_clip import ensure_tiny_clip
+
+    return ensure_tiny_clip(path)
+
+
 def register_resolvers() -> None:
     """Register this project's resolvers once (train.py, evaluate.py and tests call it)."""
     if not OmegaConf.has_resolver("demo_shards"):
         OmegaConf.register_new_resolver("demo_shards", _demo_shards, use_cache=True)
+    if not OmegaConf.has_resolver("tiny_clip"):
+        OmegaConf.register_new_resolver("tiny_clip", _tiny_clip, use_cache=True)
 
 
 def save_resolved_config(cfg: DictConfig, output_dir: str | Path) -> Path:

@@ -1,0 +1,106 @@
+"""The tiny CLIP: training lowers ClipLoss, the cached checkpoint loads through the backbone loader."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import open_clip
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from sae_lightning.backbone import load_backbone
+from sae_lightning.world import train_clip
+from sae_lightning.world.clip_model import CaptionedScenes, TinyClipModule, render_scenes
+from sae_lightning.world.train_clip import TinyClipConfig, ensure_tiny_clip, metadata_path, read_metadata
+
+MICRO = "sae-test-micro-clip"
+MICRO_CONFIG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8, "mlp_ratio": 2},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1, "mlp_ratio": 2},
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def micro_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("configs") / f"{MICRO}.json"
+    path.write_text(json.dumps(MICRO_CONFIG))
+    open_clip.add_model_config(path)
+    return MICRO
+
+
+def micro_config(**changes) -> TinyClipConfig:
+    fields = {"model_name": MICRO, "image_size": 32, "n_train": 64, "n_captions": 2, "steps": 3, "batch_size": 16,
+              "warmup_steps": 1, "n_eval": 16}
+    return TinyClipConfig(**{**fields, **changes})
+
+
+def test_a_few_steps_lower_the_clip_loss():
+    torch.manual_seed(0)
+    images, records = render_scenes(np.random.default_rng(0), 32, 32)
+    dataset = CaptionedScenes(images, records, open_clip.get_tokenizer(MICRO), n_captions=1, seed=0)
+    assert dataset.images.dtype == torch.uint8 and dataset.images.shape == (32, 3, 32, 32)
+    assert dataset.tokens.shape == (32, 1, 32)
+    module = TinyClipModule(MICRO, lr=3e-3, warmup_steps=1, max_steps=40)
+    fixed = (dataset.images, dataset.tokens[:, 0])
+    with torch.no_grad():
+        before = float(module.clip_loss(*fixed))
+    assert before > 0.9 * np.log(32)  # untrained: no better than chance, log(batch size)
+    trainer = L.Trainer(accelerator="cpu", max_steps=40, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(dataset, batch_size=32, shuffle=True))
+    with torch.no_grad():
+        after = float(module.clip_loss(*fixed))
+    print(before, after)
+    assert after < 0.5 * before, (before, after)
+
+
+def test_captioned_scenes_rephrase_the_same_facts():
+    images, records = render_scenes(np.random.default_rng(1), 4, 16)
+    tokenizer = open_clip.get_tokenizer(MICRO)
+    dataset = CaptionedScenes(images, records, tokenizer, n_captions=3, seed=0)
+    assert torch.equal(dataset.tokens[:, 0], tokenizer([r["caption"] for r in records]))
+    assert not torch.equal(dataset.tokens[:, 1], dataset.tokens[:, 2])
+
+
+@pytest.mark.slow
+def test_checkpoint_cached_by_config_and_loaded_like_real_weights(tmp_path, monkeypatch):
+    path = tmp_path / "micro.pt"
+    config = micro_config()
+    trained = []
+    real_train = train_clip.train_tiny_clip
+
+    def counting_train(cfg, **kwargs):
+        module = real_train(cfg, **kwargs)
+        trained.append(module)
+        return module
+
+    monkeypatch.setattr(train_clip, "train_tiny_clip", counting_train)
+    assert ensure_tiny_clip(path, config) == str(path)
+    meta = read_metadata(path)
+    assert meta["version"] == 1 and meta["config_hash"] == config.digest() and len(trained) == 1
+    assert set(meta["zero_shot"]) >= {"colour", "shape", "count", "effect"}
+
+    backbone = load_backbone(MICRO, pretrained=str(path))
+    assert backbone.image_size == 32 and backbone.width == 32
+    for name, value in trained[0].model.state_dict().items():
+        assert torch.equal(backbone.model.state_dict()[name], value), name
+    random = load_backbone(MICRO, pretrained=None)
+    assert not torch.equal(random.model.visual.conv1.weight, backbone.model.visual.conv1.weight)
+
+    ensure_tiny_clip(path, config)  # same config: reused, not retrained
+    assert len(trained) == 1
+    ensure_tiny_clip(path, micro_config(steps=2))  # another config: retrained
+    assert len(trained) == 2 and read_metadata(path)["config_hash"] == micro_config(steps=2).digest()
+    metadata_path(path).unlink()  # an interrupted run: no metadata, so retrain
+    ensure_tiny_clip(path, micro_config(steps=2))
+    assert len(trained) == 3
+
+
+def test_config_hash_covers_settings_and_model_config():
+    assert micro_config().digest() == micro_config().digest()
+    assert micro_config(lr=1e-3).digest() != micro_config().digest()
+    assert micro_config().as_dict()["model_config"] == MICRO_CONFIG
