@@ -3,7 +3,10 @@
 For each model, in one process and on the same batches: the bare forward to `layer` on already-decoded
 tensors, a full forward (`encode_image`, what a naive hook on the whole model costs), decode + preprocess
 alone per DataLoader worker count, and the whole DataModule path (decode, preprocess, backbone to `layer`,
-token selection, shuffle buffer) per worker count.
+token selection, shuffle buffer) per worker count. Then what the DataLoader ships per batch: fp32 images
+normalised in the workers (`preprocess`, the pipeline before issue 7 item 10) against uint8 images normalised
+on the device (`pixel_transform` + `Backbone.prepare_images`, what the DataModule does now): bytes per batch
+and images/s including the normalisation.
 """
 
 from __future__ import annotations
@@ -82,8 +85,35 @@ def datamodule_batches(backbone: Backbone, shards: list[str], case: PipelineCase
         yield n_images
 
 
-def measure(case: PipelineCase, work: Path) -> tuple[list, list, list, str]:
-    """(forward row, decode rows, pipeline rows, summary line) for one model."""
+TRANSFER_WORKERS = (0, 2)
+SEED_BATCH = 1024  # the seed's images per backbone batch at 224 px
+
+
+def transfer_rows(case: PipelineCase, backbone: Backbone, shards: list[str]) -> list[list]:
+    """fp32-in-workers vs uint8-in-workers (+ normalisation in the main process): bytes per batch, images/s."""
+    rows = []
+    for label, transform, bytes_per_value in (("fp32, normalised in workers", backbone.preprocess, 4),
+                                             ("uint8, normalised on device", backbone.pixel_transform, 1)):
+        for workers in TRANSFER_WORKERS:
+            loader = image_loader(shards * DECODE_PASSES, transform, case.batch, num_workers=workers, shuffle=0,
+                                  shardshuffle=False)
+            sizes: list[int] = []
+
+            def counts(loader=loader, sizes=sizes) -> Iterator[int]:
+                for batch in loader:
+                    images = backbone.prepare_images(batch["images"])  # identity for fp32, the /255 + norm for uint8
+                    sizes.append(batch["images"].element_size() * batch["images"].nelement())
+                    yield len(images)
+
+            rate, count = rate_after_first(counts())
+            seed_mb = SEED_BATCH * 3 * 224 * 224 * bytes_per_value / 1e6
+            rows.append([case.label, label, workers, case.batch, f"{sizes[0] / 1e6:.3f}", f"{seed_mb:,.0f}", count,
+                         f"{rate:,.0f}"])
+    return rows
+
+
+def measure(case: PipelineCase, work: Path) -> tuple[list, list, list, str, list]:
+    """(forward row, decode rows, pipeline rows, summary line, transfer rows) for one model."""
     backbone = case.backbone(work)
     shards = write_demo_shards(work / case.label, case.n_images, image_size=case.image_size,
                                shard_size=case.n_images // 4)
@@ -112,18 +142,19 @@ def measure(case: PipelineCase, work: Path) -> tuple[list, list, list, str]:
                f"(workers={best[1]}); decoding alone runs at up to {decode_per_worker:,.0f} images/s per worker, so "
                f"keeping up with this forward takes about {max(1, math.ceil(truncated / decode_per_worker))} "
                f"decoding core(s) beside the ones running the model.")
-    return forward_row, decode_rows, pipeline_rows, summary
+    return forward_row, decode_rows, pipeline_rows, summary, transfer_rows(case, backbone, shards)
 
 
 def run(quick: bool = False) -> Section:
-    forward_rows, decode_rows, pipeline_rows, summaries = [], [], [], []
+    forward_rows, decode_rows, pipeline_rows, summaries, transfer = [], [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for case in QUICK if quick else FULL:
-            forward_row, decode, pipeline, summary = measure(case, Path(tmp))
+            forward_row, decode, pipeline, summary, transfer_part = measure(case, Path(tmp))
             forward_rows.append(forward_row)
             decode_rows += decode
             pipeline_rows += pipeline
             summaries.append(summary)
+            transfer += transfer_part
     body = f"""
 Models: `tiny` is the demo's random 4-block, width-64 open_clip ViT at 32 px; `ViT-B-32` is open_clip's
 ViT-B-32 built without pretrained weights (12 blocks, width 768, 224 px). Shards are generated demo images
@@ -143,6 +174,15 @@ batch of the same size, same model, same run.
 
 With 0 workers the main process decodes between forwards; with workers, they share this machine's
 cores with the main process's torch threads, so on a small machine more workers can be slower.
+
+**What the workers ship: fp32 vs uint8.** The same loader with the model's full `preprocess` in the workers
+(fp32, the pipeline before) or with `pixel_transform` (resize + crop, uint8) and the normalisation
+(`Backbone.prepare_images`: /255, mean, std) in the main process, as the DataModule now does on the device.
+Bytes per batch as the workers send it (through shared memory, then to the GPU), and at the seed's batch of
+1,024 images at 224 px; images/s include the normalisation.
+
+{table(["model", "images", "workers", "batch", "MB per batch", "MB per 1,024 x 224 px", "images timed",
+        "images/s"], transfer)}
 
 **Decode + preprocess alone** (`image_loader`, the DataModule's loader, no backbone).
 
