@@ -350,6 +350,8 @@ class Chromium:
                 return msg["result"]
 
     def js(self, expression: str):
+        """The value of a JavaScript expression (a DOM node comes back as true/false)."""
+        expression = f"(v => v instanceof Node ? true : v)({expression})"
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 60):
@@ -379,6 +381,7 @@ class Chromium:
 
 
 LOADED_IMAGES = "[...document.images].filter(i => i.complete && i.naturalWidth > 0).length"
+SETTLED = "document.querySelector('[data-testid=stMain]') && !document.querySelector('[data-testid=stSkeleton]')"
 
 
 @pytest.mark.slow
@@ -412,10 +415,13 @@ def test_served_app_in_headless_chromium(explored, demo_run):
         browser.goto(f"{url}/?page=overview")
         browser.wait_for("document.body.innerText.includes('SAE Explorer: overview')")
         browser.wait_for("document.querySelectorAll('canvas, svg.marks').length >= 2")  # the vega charts
+        browser.wait_for(SETTLED)
         browser.screenshot(shots / "overview.png")
 
         browser.goto(f"{url}/?page=navigator")
         browser.wait_for(f"document.body.innerText.includes('{b.n_features:,} features match')")
+        browser.wait_for("document.querySelector('[data-testid=stDataFrame] [data-testid=data-grid-canvas]')")
+        browser.wait_for(SETTLED)
         browser.screenshot(shots / "navigator.png")
 
         f = int(torch.argmax(b.features["mean_top_activation"].nan_to_num(-1.0)))
@@ -423,6 +429,7 @@ def test_served_app_in_headless_chromium(explored, demo_run):
         browser.goto(f"{url}/?page=feature&feature={f}")
         browser.wait_for(f"[...document.querySelectorAll('h1')].some(h => h.innerText.trim() === 'Feature {f}')")
         assert browser.wait_for(f"{LOADED_IMAGES} >= {n_top} ? {LOADED_IMAGES} : 0") >= n_top  # the grid loaded
+        browser.wait_for(SETTLED)
         browser.screenshot(shots / "feature.png")
 
         browser.goto(f"{url}/?page=game")
@@ -432,13 +439,15 @@ def test_served_app_in_headless_chromium(explored, demo_run):
         browser.wait_for(f"{LOADED_IMAGES} >= 8")
         browser.click("Pick 1")
         browser.wait_for("/Correct|Wrong/.test(document.body.innerText)")
-        score = browser.js("document.body.innerText")
-        assert "1 / 1" in score  # one round played
+        text = browser.js("document.body.innerText")
+        assert ("1 / 1" if "Correct" in text else "0 / 1") in text  # one round played and scored
+        browser.wait_for(SETTLED)
         browser.screenshot(shots / "game.png")
 
         browser.goto(f"{url}/?page=inspect")
         browser.wait_for("document.body.innerText.includes('Upload an image')")
         browser.wait_for("document.querySelector('input[type=file]') !== null")
+        browser.wait_for(SETTLED)
         browser.screenshot(shots / "inspect.png")
     finally:
         if browser is not None:

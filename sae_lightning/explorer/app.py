@@ -108,7 +108,8 @@ def page_overview(b: Bundle, ed: str) -> None:
     m = b.metrics
     st.caption(f"{m.get('backbone', '?')} layer {m.get('layer', '?')} ({m.get('tokens', '?')} tokens), "
                f"{b.n_features:,} features, {m.get('n_images', '?'):,} held-out images")
-    rows = [{"metric": name, "this run": fmt(m.get(key)), "seed (ViT-L/14)": fmt(seed)}
+    rows = [{"metric": name, "this run": fmt(m.get(key)), "seed (ViT-L/14)": "not reported" if seed is None
+             else fmt(seed)}
             for key, (name, seed) in SEED_NUMBERS.items()]
     rows.append({"metric": "machine player, guess the image (chance 0.125)",
                  "this run": fmt(b.info.get("game_accuracy")), "seed (ViT-L/14)": "none"})
@@ -117,8 +118,9 @@ def page_overview(b: Bundle, ed: str) -> None:
     st.subheader("Feature density")
     counts, edges = np.histogram(df["log10_density"], bins=60)
     hist = pd.DataFrame({"log10 density": edges[:-1], "end": edges[1:], "features": counts})
-    st.altair_chart(alt.Chart(hist).mark_bar().encode(x=alt.X("log10 density", title="log10(density + 1e-10)"),
-                                                      x2="end", y="features"), width="stretch")
+    st.altair_chart(alt.Chart(hist).mark_bar().encode(
+        x=alt.X("log10 density", bin="binned", title="log10(density + 1e-10)"), x2="end", y="features"),
+        width="stretch")
     st.subheader("Density vs mean top activation (click a point to open the feature)")
     live = df[df["density"] > 0].copy()
     if len(live) > SCATTER_MAX_POINTS:
@@ -224,8 +226,8 @@ def page_feature(b: Bundle, ed: str) -> None:
     counts = b.arrays["hist_counts"][f].numpy()
     hist = pd.DataFrame({"log10 activation": edges[:-1], "end": edges[1:], "tokens": counts})
     left.markdown("**Activation histogram** (f > 0)")
-    left.altair_chart(alt.Chart(hist).mark_bar().encode(x="log10 activation", x2="end", y="tokens"),
-                      width="stretch")
+    left.altair_chart(alt.Chart(hist).mark_bar().encode(
+        x=alt.X("log10 activation", bin="binned"), x2="end", y="tokens"), width="stretch")
     cos = b.mlp_cosine(f)
     right.markdown(f"**Cosine with each of the {len(cos):,} MLP neurons** (encoder vector)")
     right.line_chart(pd.DataFrame({"cosine": cos}), height=250)

@@ -40,6 +40,7 @@ GRID_SIZE = 16
 # into the end bins; only f > 0 is counted (the zeros are (1 - density) * n_tokens)
 HIST_LOW, HIST_HIGH, HIST_BINS = -4.0, 3.0, 56
 MLP_COSINE_SCALE = 127.0  # int8 storage: cosine ~= q / 127
+EMBEDDINGS = ("game_embeddings", "top_embeddings")
 
 
 def hist_edges() -> np.ndarray:
@@ -382,7 +383,8 @@ class Bundle:
         self.meta = json.loads((self.eval_dir / "features.json").read_text())
         metrics = self.eval_dir / "metrics.json"
         self.metrics = json.loads(metrics.read_text()) if metrics.is_file() else {}
-        self.arrays = load_file(str(self.dir / "explorer.safetensors"))
+        with safe_open(str(self.dir / "explorer.safetensors"), "pt") as fh:  # embeddings: game_metric only
+            self.arrays = {k: fh.get_tensor(k) for k in fh.keys() if k not in EMBEDDINGS}
         self._cosines = safe_open(str(self.dir / "mlp_cosines.safetensors"), "pt")
         self.thumbs = ThumbnailStore(self.dir / "thumbnails.sqlite")
         self.classnames: list[str] | None = self.meta.get("classnames")
@@ -420,3 +422,8 @@ class Bundle:
         vals = self.arrays["game_values"][lo:hi].numpy()
         order = np.argsort(-vals, kind="stable")
         return feats[order], vals[order]
+
+    def embeddings(self) -> dict[str, torch.Tensor]:
+        """game_embeddings [n_game, D] and top_embeddings [M, D] (float16, normalised)."""
+        with safe_open(str(self.dir / "explorer.safetensors"), "pt") as fh:
+            return {k: fh.get_tensor(k) for k in EMBEDDINGS}

@@ -91,7 +91,8 @@ def game_metric(eval_dir: str | Path, seed: int = 0, n_top: int = N_TOP,
 
     bundle = Bundle(eval_dir)
     n = len(bundle.game_keys)
-    embedding_of = dict(zip(bundle.info["top_embedding_keys"], bundle.arrays["top_embeddings"].float().numpy()))
+    emb = bundle.embeddings()
+    embedding_of = dict(zip(bundle.info["top_embedding_keys"], emb["top_embeddings"].float().numpy()))
     top_features = []
     for i in range(n):
         feats, vals = bundle.game_activations(i)
@@ -103,7 +104,7 @@ def game_metric(eval_dir: str | Path, seed: int = 0, n_top: int = N_TOP,
     pool = [f for f in bundle.info["baseline_features"] if f in feature_emb]
     if len(pool) < n_top:
         raise ValueError(f"only {len(pool)} baseline features with embedded top images: cannot draw {n_top}")
-    game_emb = bundle.arrays["game_embeddings"].float().numpy()
+    game_emb = emb["game_embeddings"].float().numpy()
     game_emb = game_emb / np.linalg.norm(game_emb, axis=1, keepdims=True).clip(1e-12)
     result = play(top_features, feature_emb, game_emb, candidate_sets(n, seed, n_candidates), pool, seed)
     return {**result, "chance": 1 / n_candidates}

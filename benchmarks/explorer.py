@@ -1,0 +1,213 @@
+"""The SAE Explorer at the seed's scale: a generated bundle of 65,536 features and 200,000 thumbnails.
+
+    python -m benchmarks.explorer                       # the seed's size
+    python -m benchmarks.explorer --features 16384 --thumbnails 50000 --keep /tmp/bundle
+
+Generates `<dir>/eval/` in the documented formats (docs/format-eval.md, docs/explorer.md) with random
+values of realistic sizes: ViT-L/14's 4,096 MLP neurons and 768-d embeddings, top-20 lists over the
+thumbnails, 128 px JPEG thumbnails (a pool of distinct synthetic images, reused), a 1,000-image game set.
+Then it measures, each in a fresh process: the server's start (launch to /_stcore/health answering), the
+app's first run (AppTest: imports, bundle load, the Overview page), and the Feature page's script run for
+random features once warm (AppTest, median and max). AppTest times the Python side of a page; the browser's
+own drawing comes on top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from benchmarks.report import ROOT, Section, table
+from sae_lightning.data.synthetic import demo_image
+from sae_lightning.explorer.bundle import BUNDLE_VERSION, HIST_BINS, MLP_COSINE_SCALE, hist_edges
+
+SEED_FEATURES, SEED_THUMBNAILS = 65_536, 200_000
+K, N_NEURONS, EMBED_DIM, N_GAME, N_CLASSES = 20, 4096, 768, 1000, 1000
+
+
+def generate(root: Path, n_features: int, n_thumbnails: int, seed: int = 0) -> Path:
+    """Write a bundle of the given size under root/eval; returns the eval directory."""
+    rng = np.random.default_rng(seed)
+    ev = root / "eval"
+    (ev / "explorer").mkdir(parents=True, exist_ok=True)
+    density = 10 ** rng.uniform(-6, -0.5, n_features)
+    top_indices = np.sort(rng.integers(0, n_thumbnails, (n_features, K)), axis=1)
+    top_indices[:, 0] = np.arange(n_features) % n_thumbnails  # every thumbnail is someone's top image
+    top_values = -np.sort(-rng.gamma(2.0, 1.0, (n_features, K)), axis=1)
+    labels = rng.integers(0, N_CLASSES, (n_features, K))
+    entropy = rng.uniform(0, 3, n_features)
+    save_file({
+        "density": torch.tensor(density, dtype=torch.float32),
+        "image_density": torch.tensor(density, dtype=torch.float32),
+        "mean_activation": torch.tensor(top_values.mean(1) / 2, dtype=torch.float32),
+        "mean_top_activation": torch.tensor(top_values.mean(1), dtype=torch.float32),
+        "label_entropy": torch.tensor(entropy, dtype=torch.float32),
+        "entropy_defined": torch.ones(n_features, dtype=torch.bool),
+        "top_values": torch.tensor(top_values, dtype=torch.float32),
+        "top_indices": torch.tensor(top_indices),
+        "top_labels": torch.tensor(labels),
+        "in_cluster": torch.tensor(rng.random(n_features) < 0.6),
+        "max_mlp_cosine": torch.tensor(rng.uniform(0.05, 0.4, n_features), dtype=torch.float32),
+        "aligned_neurons": torch.tensor(rng.integers(0, 5, n_features)),
+    }, str(ev / "features.safetensors"))
+    keys = {str(i): f"gen-{i // 10_000:06d}.tar/{i:08d}" for i in range(n_thumbnails)}
+    (ev / "features.json").write_text(json.dumps({
+        "format_version": 1, "n_features": n_features, "k": K, "n_images": 524_288, "tokens": "cls", "layer": 22,
+        "backbone": "ViT-L-14 (generated)", "classnames": [f"class {i}" for i in range(N_CLASSES)],
+        "image_keys": keys}))
+    (ev / "metrics.json").write_text(json.dumps({"n_images": 524_288, "backbone": "ViT-L-14 (generated)",
+                                                 "layer": 22, "tokens": "cls", "n_features": n_features}))
+    pool = []
+    for i in range(512):
+        buffer = io.BytesIO()
+        demo_image(rng, i % 40, 128).save(buffer, format="JPEG", quality=85)
+        pool.append(buffer.getvalue())
+    game_keys = [f"game.tar/{i:06d}" for i in range(N_GAME)]
+    db = sqlite3.connect(ev / "explorer" / "thumbnails.sqlite")
+    db.execute("PRAGMA journal_mode=OFF")
+    db.execute("CREATE TABLE thumbnails (key TEXT PRIMARY KEY, jpeg BLOB NOT NULL) WITHOUT ROWID")
+    all_keys = list(keys.values()) + game_keys
+    for start in range(0, len(all_keys), 20_000):
+        db.executemany("INSERT INTO thumbnails VALUES (?, ?)",
+                       ((k, pool[(start + j) % len(pool)]) for j, k in enumerate(all_keys[start : start + 20_000])))
+        db.commit()
+    db.close()
+    cos = torch.randint(-20, 40, (n_features, N_NEURONS), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    save_file({"mlp_cosine_q": cos}, str(ev / "explorer" / "mlp_cosines.safetensors"))
+    del cos
+    nnz = rng.integers(20, 200, N_GAME)
+    indptr = np.concatenate([[0], np.cumsum(nnz)])
+    n_embedded = min(n_thumbnails, 80_000)
+    save_file({
+        "hist_counts": torch.tensor(rng.integers(0, 1000, (n_features, HIST_BINS)), dtype=torch.int32),
+        "neighbour_indices": torch.tensor(rng.integers(0, n_features, (n_features, 10)), dtype=torch.int32),
+        "neighbour_cosines": torch.tensor(-np.sort(-rng.random((n_features, 10))), dtype=torch.float32),
+        "game_indptr": torch.tensor(indptr),
+        "game_features": torch.tensor(rng.integers(0, n_features, indptr[-1]), dtype=torch.int32),
+        "game_values": torch.tensor(rng.gamma(2.0, 1.0, indptr[-1]), dtype=torch.float32),
+        "game_labels": torch.tensor(rng.integers(0, N_CLASSES, N_GAME)),
+        "game_embeddings": torch.randn(N_GAME, EMBED_DIM).half(),
+        "top_embeddings": torch.randn(n_embedded, EMBED_DIM).half(),
+    }, str(ev / "explorer" / "explorer.safetensors"))
+    (ev / "explorer" / "bundle.json").write_text(json.dumps({
+        "format_version": BUNDLE_VERSION, "n_features": n_features, "n_neurons": N_NEURONS, "n_game": N_GAME,
+        "n_thumbnails": n_thumbnails + N_GAME, "thumb_size": 128, "layer": 22, "tokens": "cls",
+        "hist_bins_log10": hist_edges().tolist(), "hist_n_tokens": None, "mlp_cosine_scale": MLP_COSINE_SCALE,
+        "n_neighbours": 10, "game_keys": game_keys, "top_embedding_keys": list(keys.values())[:n_embedded],
+        "baseline_features": list(range(512)), "auto_labels": None, "seed": seed}))
+    return ev
+
+
+APPTEST = """
+import json, os, sys, time
+t0 = time.perf_counter()
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(sys.argv[1], default_timeout=600).run()
+assert not at.exception, at.exception
+first = time.perf_counter() - t0
+n_features = int(sys.argv[2])
+times = []
+at.sidebar.radio(key="page").set_value("Feature page").run()
+for f in [int(x) for x in sys.argv[3].split(",")]:
+    at.session_state["feature"] = f
+    t = time.perf_counter()
+    at.run()
+    times.append(time.perf_counter() - t)
+    assert at.title[0].value == f"Feature {f}", at.title[0].value
+print(json.dumps({"first_run_s": first, "feature_s": times}))
+"""
+
+
+def server_start(ev: Path) -> float:
+    """Seconds from `python -m sae_lightning.explorer` to the health endpoint answering."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "sae_lightning.explorer", f"eval_dir={ev}", f"port={port}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"http://localhost:{port}/_stcore/health", timeout=1)
+                return time.perf_counter() - start
+            except OSError:
+                if proc.poll() is not None or time.perf_counter() - start > 120:
+                    raise RuntimeError("the explorer did not start") from None
+                time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(10)
+
+
+def measure(ev: Path, n_features: int, n_pages: int = 20) -> dict:
+    features = np.random.default_rng(1).integers(0, n_features, n_pages).tolist()
+    env = dict(os.environ, SAE_EXPLORER_EVAL_DIR=str(ev), SAE_EXPLORER_RUN_DIR=str(ev.parent))
+    app = ROOT / "sae_lightning" / "explorer" / "app.py"
+    done = subprocess.run([sys.executable, "-c", APPTEST, str(app), str(n_features), ",".join(map(str, features))],
+                          env=env, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(done.stderr[-3000:])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["server_start_s"] = server_start(ev)
+    return result
+
+
+def directory_mib(path: Path) -> dict[str, float]:
+    return {p.relative_to(path).as_posix(): p.stat().st_size / 2**20 for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def run(quick: bool = False, n_features: int | None = None, n_thumbnails: int | None = None,
+        keep: str | None = None) -> Section:
+    n_features = n_features or (4096 if quick else SEED_FEATURES)
+    n_thumbnails = n_thumbnails or (12_000 if quick else SEED_THUMBNAILS)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(keep) if keep else Path(tmp)
+        start = time.perf_counter()
+        ev = generate(root, n_features, n_thumbnails)
+        generated = time.perf_counter() - start
+        sizes = directory_mib(ev)
+        result = measure(ev, n_features)
+    pages = np.array(result["feature_s"])
+    rows = [[name, f"{mib:,.1f}"] for name, mib in sizes.items()] + [["total", f"{sum(sizes.values()):,.1f}"]]
+    body = f"""
+A generated bundle of {n_features:,} features and {n_thumbnails:,} top-image thumbnails (+ {N_GAME:,} game
+images), 4,096 MLP neurons, 768-d embeddings (written in {generated:.0f} s). Times: server start =
+`python -m sae_lightning.explorer` until `/_stcore/health` answers; first run = a fresh process's first
+AppTest run of the app (imports, bundle load, the Overview page); feature page = the script run of the
+Feature page for {len(pages)} random features once warm (AppTest: Python side, without the browser drawing).
+
+{table(["measure", "seconds"], [["server start", result["server_start_s"]], ["first run (Overview)",
+        result["first_run_s"]], ["feature page, median", float(np.median(pages))],
+        ["feature page, max", float(pages.max())]])}
+
+{table(["file", "MiB"], rows)}
+"""
+    return Section("Explorer: app start and feature page at the seed's size", body)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--features", type=int, default=SEED_FEATURES)
+    parser.add_argument("--thumbnails", type=int, default=SEED_THUMBNAILS)
+    parser.add_argument("--keep", default=None, help="write the bundle here and keep it")
+    args = parser.parse_args(argv)
+    print(run(n_features=args.features, n_thumbnails=args.thumbnails, keep=args.keep).body)
+
+
+if __name__ == "__main__":
+    main()
