@@ -196,26 +196,33 @@ def test_data_that_yields_no_image_stops_the_run(tmp_path):
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_resumed_pass_reads_exactly_the_remaining_shards(backbone, tmp_path, num_workers):
+def test_resumed_pass_reads_exactly_the_remaining_images(backbone, tmp_path, num_workers):
+    """Consume part of a pass, save the state, rebuild: the resumed pass reads every other image exactly once."""
     shards = write_shards(tmp_path / "s", n_shards=8, per_shard=3)
-    first = datamodule(backbone, shards, tokens="cls", sae_batch_size=3, num_workers=num_workers, shuffle=4)
+    every_key = {f"s-{s:06d}.tar/s{s}_{i:04d}" for s in range(8) for i in range(3)}
+    args = dict(tokens="cls", sae_batch_size=1, buffer_size=2, num_workers=num_workers, shuffle=4)
+    first = datamodule(backbone, shards, **args)
     _, keys_before = run_pass(first, stop_after_done=3)
     state = first.state_dict()
-    consumed = {s for v in state["data_position"]["consumed"].values() for s in v}
-    assert len(consumed) >= 3 and state["data_position"]["version"] == 1
-    assert all(k.startswith("rank0/worker") for k in state["data_position"]["consumed"])
-    read_before = {k.split("/")[0] for k in keys_before}
-    assert {Path(s).name for s in consumed} <= read_before
+    position = state["data_position"]
+    consumed = {s for v in position["consumed"].values() for s in v}
+    assert len(consumed) >= 3 and position["version"] == 1
+    assert all(k.startswith("rank0/worker") for k in position["consumed"])
+    assert {Path(s).name for s in consumed} <= {k.split("/")[0] for k in keys_before}
+    in_flight = {f"{Path(url).name}/{key}" for url, keys in position["in_flight"].items() for key in keys}
+    assert in_flight == {k for k in keys_before if k.split("/")[0] not in {Path(s).name for s in consumed}}
+    assert in_flight  # shards half read at the checkpoint: their delivered samples are recorded one by one
 
-    resumed = datamodule(backbone, shards, tokens="cls", sae_batch_size=3, num_workers=num_workers, shuffle=4)
+    resumed = datamodule(backbone, shards, **args)
     resumed.load_state_dict(state)
     loader = resumed.train_dataloader()
     _, keys_after = run_pass(resumed, loader)
+    assert not set(keys_before) & set(keys_after)  # no image seen twice
+    assert set(keys_before) | set(keys_after) == every_key and len(keys_after) == len(set(keys_after))  # none lost
     read_after = {k.split("/")[0] for k in keys_after}
-    assert read_after == {Path(s).name for s in shards} - {Path(s).name for s in consumed}
-    assert len(keys_after) == 3 * (8 - len(consumed))  # whole shards, each image once
-    assert not {k for k in keys_before if k.split("/")[0] in {Path(s).name for s in consumed}} & set(keys_after)
+    assert not read_after & {Path(s).name for s in consumed}  # finished shards are not even opened
     # the resumed pass still counts the shards consumed before the checkpoint: all 8 at its end
     assert {s for v in resumed.state_dict()["data_position"]["consumed"].values() for s in v} == set(shards)
+    assert resumed.state_dict()["data_position"]["in_flight"] == {}
     _, keys_next = run_pass(resumed, loader)  # the next pass reads everything again
-    assert len(keys_next) == 24
+    assert sorted(keys_next) == sorted(every_key)

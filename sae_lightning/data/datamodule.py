@@ -151,7 +151,9 @@ class ImageActivationDataModule(ActivationStreamMixin, LightningDataModule):
         self._skip_warnings = RateLimitedWarning(log, "undecodable-sample")
         self._window_samples, self._window_skipped, self._window_shards = 0, 0, set()
         self._consumed: dict[str, list[str]] = {}  # "rank{r}/worker{w}" -> shards fully consumed this pass
+        self._in_flight: dict[str, set[str]] = {}  # shard url -> keys delivered from it, while it is not done
         self._resume_consumed: dict[str, list[str]] | None = None  # loaded from a checkpoint, for the next pass
+        self._resume_in_flight: dict[str, set[str]] = {}
 
     def shards_to_skip(self) -> set[str]:
         """Shards consumed in the current pass before the checkpoint this run resumed from (empty: none)."""
@@ -164,21 +166,31 @@ class ImageActivationDataModule(ActivationStreamMixin, LightningDataModule):
         # A new order per epoch and per resume point, still reproducible from `seed`.
         offset = 7919 * self.trainer.current_epoch + self.trainer.global_step if self.trainer is not None else 0
         skip = self.shards_to_skip()
-        if skip:
-            log.info("Resuming mid-pass: skipping %d of %d training shards consumed before the checkpoint.",
-                     len(skip), len(self.train_urls))
+        skip_samples = self.samples_to_skip()
+        if skip or skip_samples:
+            log.info("Resuming mid-pass: skipping %d of %d training shards consumed before the checkpoint, and "
+                     "%d samples already delivered from %d shards then in flight.", len(skip), len(self.train_urls),
+                     sum(map(len, skip_samples.values())), len(skip_samples))
         loader = image_loader(
             self.train_urls, self.backbone.pixel_transform, self.image_batch_size, num_workers=self.num_workers,
             pin_memory=self.pin_memory, shuffle=self.shuffle, shardshuffle=self.shardshuffle,
             seed=self.seed + offset, resampled=self.resampled, track=True,
-            pace=(self.tokens_per_image, self.sae_batch_size), skip_shards=skip,
+            pace=(self.tokens_per_image, self.sae_batch_size), skip_shards=skip, skip_samples=skip_samples,
         )
         return _PassStream(self, loader)
 
+    def samples_to_skip(self) -> dict[str, set[str]]:
+        """{shard url: keys} delivered before the checkpoint from shards not finished then (empty: none)."""
+        if self.resampled:
+            return {}
+        urls = set(self.train_urls) - self.shards_to_skip()
+        return {url: set(keys) for url, keys in self._resume_in_flight.items() if url in urls and keys}
+
     def _start_pass(self) -> None:
-        carried = self._resume_consumed if self.shards_to_skip() else None
-        self._consumed = {k: list(v) for k, v in (carried or {}).items()}
-        self._resume_consumed = None
+        resumed = bool(self.shards_to_skip() or self.samples_to_skip())
+        self._consumed = {k: list(v) for k, v in (self._resume_consumed or {}).items()} if resumed else {}
+        self._in_flight = self.samples_to_skip() if resumed else {}
+        self._resume_consumed, self._resume_in_flight = None, {}
 
     def _empty_pass_message(self, skipped: int, empty: set[str]) -> str:
         problems = [f"{skipped} sample(s) could not be decoded"] if skipped else []
@@ -216,9 +228,13 @@ class ImageActivationDataModule(ActivationStreamMixin, LightningDataModule):
             self._skip_warnings.warn("Skipped %d undecodable samples (%d in total so far).", skipped,
                                      self.samples_skipped)
         self._check_skip_rate(n_images, skipped, batch.get("skipped_shards", []))
+        for url, key in batch.get("delivered", ()):
+            self._in_flight.setdefault(url, set()).add(key)
         if batch.get("shards_done"):
             rank, worker = batch.get("worker", (0, 0))
             self._consumed.setdefault(f"rank{rank}/worker{worker}", []).extend(batch["shards_done"])
+            for url in batch["shards_done"]:
+                self._in_flight.pop(url, None)
         return {"images": batch["images"]}
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, torch.Tensor]:
@@ -234,21 +250,25 @@ class ImageActivationDataModule(ActivationStreamMixin, LightningDataModule):
             acts = self.backbone.activations(images, self.layer, self.tokens)
         return self._serve(acts.reshape(-1, acts.shape[-1]).float())
 
-    def _gathered_consumed(self) -> dict[str, list[str]]:
-        """Every rank's consumed shards (an all-gather under DDP: every rank calls state_dict when saving)."""
+    def _gathered_position(self) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+        """Every rank's (consumed shards, in-flight delivered keys): an all-gather under DDP (every rank calls
+        state_dict when a checkpoint is saved)."""
         consumed = {k: sorted(set(v)) for k, v in self._consumed.items()}
+        in_flight = {url: sorted(keys) for url, keys in self._in_flight.items() if keys}
         if (self.trainer is not None and self.trainer.world_size > 1 and torch.distributed.is_available()
                 and torch.distributed.is_initialized()):
-            gathered: list[dict[str, list[str]] | None] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, consumed)
-            consumed = {k: v for part in gathered for k, v in (part or {}).items()}
-        return consumed
+            gathered: list[tuple | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (consumed, in_flight))
+            consumed = {k: v for part in gathered for k, v in (part[0] if part else {}).items()}
+            in_flight = {k: v for part in gathered for k, v in (part[1] if part else {}).items()}
+        return consumed, in_flight
 
     def state_dict(self) -> dict[str, Any]:
+        consumed, in_flight = ({}, {}) if self.resampled else self._gathered_position()
         return {"images_seen": self.images_seen, "activations_seen": self.activations_seen,
                 "samples_skipped": self.samples_skipped,
                 "data_position": {"version": DATA_POSITION_VERSION, "resampled": self.resampled,
-                                  "consumed": {} if self.resampled else self._gathered_consumed()}}
+                                  "consumed": consumed, "in_flight": in_flight}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.images_seen = state_dict.get("images_seen", 0)
@@ -259,3 +279,4 @@ class ImageActivationDataModule(ActivationStreamMixin, LightningDataModule):
             raise ValueError(f"checkpoint data_position version {position.get('version')} is not "
                              f"{DATA_POSITION_VERSION}: written by another version of sae_lightning.")
         self._resume_consumed = {k: list(v) for k, v in (position.get("consumed") or {}).items()}
+        self._resume_in_flight = {k: set(v) for k, v in (position.get("in_flight") or {}).items()}

@@ -6,8 +6,9 @@ and counted, so a long run never dies on one bad file and the count is still vis
 warnings are rate-limited (`RateLimitedWarning`): the first few are shown, then one summary per interval.
 
 For training (`track=True`) every batch also reports which shards its worker has now *fully* delivered
-(`shards_done`: every sample handed over in a batch or counted as skipped), which shards were empty or
-unreadable, and the worker's (rank, worker) id; the DataModule records them so a resumed pass skips them
+(`shards_done`: every sample handed over in a batch or counted as skipped), the (shard, key) of each sample
+it delivers, which shards were empty or unreadable, and the worker's (rank, worker) id; the DataModule
+records them so a resumed pass skips the finished shards and the delivered samples of the others
 (docs/format-shards.md, "Resuming mid-pass"). A tracked stream also ends each worker's pass with a record
 that carries no image, so skips and finished shards at the very end still reach the main process.
 """
@@ -164,16 +165,32 @@ class ShardProgress:
         return done, empty
 
 
-def _read_shards(src: Iterable[dict], progress: ShardProgress | None, handler: Callable) -> Iterator[dict]:
-    """tarfile_to_samples one shard at a time, telling `progress` how many samples each shard held."""
-    expand = wds.tarfile_to_samples(handler=handler)
-    for source in src:
-        n = 0
-        for sample in expand(iter([source])):
-            n += 1
-            yield sample
-        if progress is not None:
-            progress.read_complete(source["url"], n)
+class _ShardReader:
+    """tarfile_to_samples one shard at a time, telling `progress` how many samples each shard held.
+
+    `skip_samples` ({shard url: sample keys}) are left out of the first pass: the samples of shards that were
+    in flight at the checkpoint a run resumed from, already delivered before it.
+    """
+
+    def __init__(self, progress: ShardProgress | None, handler: Callable,
+                 skip_samples: dict[str, Iterable[str]] | None = None) -> None:
+        self.progress, self.handler = progress, handler
+        self.skip_samples = {url: frozenset(keys) for url, keys in (skip_samples or {}).items()}
+        self.passes = 0
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        skip = self.skip_samples if self.passes == 0 else {}
+        self.passes += 1
+        expand = wds.tarfile_to_samples(handler=self.handler)
+        for source in src:
+            n, done_before = 0, skip.get(source["url"], frozenset())
+            for sample in expand(iter([source])):
+                if sample.get("__key__") in done_before:
+                    continue
+                n += 1
+                yield sample
+            if self.progress is not None:
+                self.progress.read_complete(source["url"], n)
 
 
 class _ResumeFilter:
@@ -239,6 +256,7 @@ class _Decoded:
 @dataclass
 class _Skipped:
     url: str
+    key: str = ""
 
 
 def _open_sample(sample: dict) -> tuple[PIL.Image.Image, int]:
@@ -267,7 +285,7 @@ def decode_samples(
         except Exception as exn:  # noqa: BLE001 - PIL raises many types on bad bytes; none may stop a run
             key, kind = sample.get("__key__"), type(exn).__name__
             warnings.warn("skipping sample %r from %s: %s: %s", key, url, kind, exn)
-            yield _Skipped(url)
+            yield _Skipped(url, str(key))
             continue
         yield _Decoded(transform(image), label, f"{os.path.basename(url)}/{sample['__key__']}", url)
 
@@ -292,19 +310,18 @@ def _tracked_batches(samples: Iterable[_Decoded | _Skipped], sizes: Callable[[],
     """Batches of `sizes()` images (possibly 0), each reporting shards done; a final image-less record."""
     rank, _, worker, _ = wds.utils.pytorch_worker_info()
     batch: list[_Decoded] = []
-    skipped: list[str] = []
+    skipped: list[_Skipped] = []
     like: torch.Tensor | None = None
 
     def emit(items: list[_Decoded], last: bool = False) -> dict:
         nonlocal skipped
-        for item in items:
-            progress.deliver(item.url)
-        for url in skipped:
+        delivered = [(item.url, item.key.split("/", 1)[1]) for item in items] + [(s.url, s.key) for s in skipped]
+        for url, _ in delivered:
             progress.deliver(url)
         out = _collate(items, len(skipped), like)
         done, empty = progress.pop_done(everything=last)
-        out.update(shards_done=done, shards_empty=empty, skipped_shards=sorted(set(skipped)),
-                   worker=(rank, worker), end_of_pass=last)
+        out.update(delivered=delivered, shards_done=done, shards_empty=empty,
+                   skipped_shards=sorted({s.url for s in skipped}), worker=(rank, worker), end_of_pass=last)
         skipped = []
         return out
 
@@ -318,7 +335,7 @@ def _tracked_batches(samples: Iterable[_Decoded | _Skipped], sizes: Callable[[],
         if sample is None:
             break
         if isinstance(sample, _Skipped):
-            skipped.append(sample.url)
+            skipped.append(sample)
             continue
         like = sample.image
         batch.append(sample)
@@ -381,6 +398,7 @@ def image_batches(
     track: bool = False,
     pace: tuple[int, int] | None = None,
     skip_shards: Iterable[str] = (),
+    skip_samples: dict[str, Iterable[str]] | None = None,
 ) -> wds.DataPipeline:
     """Build the per-worker pipeline: shards -> samples -> shuffle -> decode + transform -> batches.
 
@@ -392,7 +410,9 @@ def image_batches(
     track=True (training) adds "shards_done", "shards_empty", "skipped_shards", "worker" and "end_of_pass" to
     every batch and ends each worker's pass with an image-less record. pace=(tokens_per_image,
     sae_batch_size) sizes batches with a `TokenPacer` (whole images; a batch may hold none) instead of
-    `batch_size`. skip_shards are left out of the first pass (a resume; not with resampled).
+    `batch_size`. skip_shards are left out of the first pass, and so are skip_samples ({shard url: sample
+    keys}) of the shards they name (a resume; not with resampled). Tracked batches also carry "delivered",
+    the (shard url, sample key) of each image and each skipped sample.
     """
     urls = expand_shards(urls) if isinstance(urls, str) else list(urls)
     if resampled:
@@ -406,7 +426,7 @@ def image_batches(
             stages.append(_ResumeFilter(skip))
         stages += [wds.split_by_node, wds.split_by_worker]
     progress = ShardProgress() if track else None
-    stages.append(wds.pipelinefilter(_read_shards)(progress, _LogAndContinue()))
+    stages.append(_ShardReader(progress, _LogAndContinue(), None if resampled else skip_samples))
     if shuffle > 0:
         stages.append(_SampleShuffle(shuffle, seed))
     stages.append(wds.pipelinefilter(decode_samples)(transform, RateLimitedWarning(log, "skipped-sample")))
