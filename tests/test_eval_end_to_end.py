@@ -75,6 +75,26 @@ def test_metrics_json_has_every_key(evaluated):
     assert "(plots/cluster_scatter.png)" in (evaluated / "report.md").read_text()
 
 
+PROVENANCE = {"format_version", "run_dir", "sae_path", "backbone", "pretrained", "layer", "tokens", "shards",
+              "classnames", "device", "seed", "date", "sae_lightning_version"}
+
+
+@pytest.mark.slow
+def test_every_metric_is_defined_in_the_docs_and_shown_in_the_report(evaluated):
+    from sae_lightning.evaluation.report import METRIC_GROUPS
+
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    docs = (ROOT / "docs" / "metrics.md").read_text()
+    in_report = {key for rows in METRIC_GROUPS.values() for key, _, _ in rows}
+    report = (evaluated / "report.md").read_text()
+    for key in set(metrics) - PROVENANCE:
+        assert f"`{key}`" in docs or f"`{key.rsplit('_', 1)[0]}_" in docs, key
+        if key not in {"warnings", "contrastive_undefined_reason", "cluster_component_means_log10",
+                       "cluster_component_stds_log10", "cluster_component_weights"}:
+            assert key in in_report and f"| `{key}` |" in report, key
+    assert "## density_histogram" not in report and "## Feature density" in report
+
+
 @pytest.mark.slow
 def test_plots_are_valid_pngs_and_tensorboard_has_one_card(evaluated, demo_run):
     names = {p.name for p in (evaluated / "plots").glob("*.png")}
