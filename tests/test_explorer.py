@@ -3,16 +3,12 @@ the machine player, every page driven with Streamlit's AppTest, and the served a
 
 from __future__ import annotations
 
-import base64
 import io
-import itertools
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +23,7 @@ from torch.nn.functional import normalize
 from sae_lightning.backbone import select_tokens
 from sae_lightning.data.shards import expand_shards, image_batches
 from sae_lightning.explorer import __main__ as launcher
+from sae_lightning.explorer.browser import LOADED_IMAGES, SETTLED, Chromium, find_chromium
 from sae_lightning.explorer.bundle import (
     HIST_BINS,
     ActivationHistogram,
@@ -315,78 +312,11 @@ def test_app_inspects_an_uploaded_image(app, explored, demo_run):
 # ------------------------------------------------------------------------------------ headless Chromium
 
 
-class Chromium:
-    """Headless Chromium driven over the DevTools protocol (the page renders over a websocket, so the DOM
-    is polled until the expected content is there; --dump-dom alone returns the empty shell)."""
-
-    def __init__(self, binary: str) -> None:
-        from websockets.sync.client import connect
-
-        self.profile = tempfile.mkdtemp()
-        self.proc = subprocess.Popen([binary, "--headless", "--no-sandbox", "--disable-gpu",
-                                      "--remote-debugging-port=0", f"--user-data-dir={self.profile}",
-                                      "--window-size=1400,1100", "about:blank"],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        port_file = Path(self.profile) / "DevToolsActivePort"
-        end = time.time() + 30
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            if time.time() > end or self.proc.poll() is not None:
-                raise RuntimeError("chromium did not start")
-            time.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
-        targets = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list").read())
-        page = next(t for t in targets if t["type"] == "page")
-        self.ws = connect(page["webSocketDebuggerUrl"], max_size=None)
-        self.ids = itertools.count(1)
-
-    def call(self, method: str, **params):
-        i = next(self.ids)
-        self.ws.send(json.dumps({"id": i, "method": method, "params": params}))
-        while True:
-            msg = json.loads(self.ws.recv(timeout=60))
-            if msg.get("id") == i:
-                if "error" in msg:
-                    raise RuntimeError(msg["error"])
-                return msg["result"]
-
-    def js(self, expression: str):
-        """The value of a JavaScript expression (a DOM node comes back as true/false)."""
-        expression = f"(v => v instanceof Node ? true : v)({expression})"
-        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
-
-    def wait_for(self, expression: str, timeout: float = 60):
-        end = time.time() + timeout
-        while time.time() < end:
-            value = self.js(expression)
-            if value:
-                return value
-            time.sleep(0.2)
-        raise AssertionError(f"the page never satisfied {expression}; it shows:\n{self.js('document.body.innerText')}")
-
-    def goto(self, url: str) -> None:
-        self.call("Page.navigate", url=url)
-
-    def click(self, text: str) -> None:
-        self.js(f"[...document.querySelectorAll('button')].find(b => b.innerText.trim() === {json.dumps(text)})"
-                f".click()")
-
-    def screenshot(self, path: Path) -> None:
-        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
-
-    def close(self) -> None:
-        self.ws.close()
-        self.proc.terminate()
-        self.proc.wait(10)
-        shutil.rmtree(self.profile, ignore_errors=True)
-
-
-LOADED_IMAGES = "[...document.images].filter(i => i.complete && i.naturalWidth > 0).length"
-SETTLED = "document.querySelector('[data-testid=stMain]') && !document.querySelector('[data-testid=stSkeleton]')"
 
 
 @pytest.mark.slow
 def test_served_app_in_headless_chromium(explored, demo_run):
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    binary = find_chromium()
     if binary is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
     with socket.socket() as s:
@@ -447,6 +377,11 @@ def test_served_app_in_headless_chromium(explored, demo_run):
         browser.goto(f"{url}/?page=inspect")
         browser.wait_for("document.body.innerText.includes('Upload an image')")
         browser.wait_for("document.querySelector('input[type=file]') !== null")
+        upload = shots / "upload.png"
+        PIL.Image.new("RGB", (48, 40), (30, 160, 40)).save(upload)
+        browser.upload(upload)
+        browser.wait_for("document.body.innerText.includes('features fire on upload.png')")
+        browser.wait_for(f"{LOADED_IMAGES} >= 2")  # the upload and the top images of its features
         browser.wait_for(SETTLED)
         browser.screenshot(shots / "inspect.png")
     finally:

@@ -6,7 +6,6 @@ Checks the run's explorer bundle, then serves the Streamlit app (sae_lightning/e
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,20 +38,29 @@ def resolve(args: dict[str, str]) -> tuple[Path, Path]:
     return eval_dir, run
 
 
-def command(args: dict[str, str]) -> list[str]:
-    app = Path(__file__).with_name("app.py")
-    return [sys.executable, "-m", "streamlit", "run", str(app), "--server.headless", "true",
-            "--server.port", args.get("port", "8501"), "--server.address", args.get("host", "localhost"),
-            "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]
+def flags(args: dict[str, str]) -> dict[str, object]:
+    """Streamlit's config options (`streamlit run --server.port ...` as flag_options)."""
+    return {"server_port": int(args.get("port", 8501)), "server_address": args.get("host", "localhost"),
+            "server_headless": True, "browser_gatherUsageStats": False, "client_toolbarMode": "minimal"}
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve the app in this process: the modules imported here (torch, the bundle reader) are the app's, so
+    its first page does not import them again."""
     args = parse(sys.argv[1:] if argv is None else argv)
     eval_dir, run = resolve(args)
-    env = dict(os.environ, SAE_EXPLORER_EVAL_DIR=str(eval_dir), SAE_EXPLORER_RUN_DIR=str(run))
-    print(f"SAE Explorer for {eval_dir}: http://{args.get('host', 'localhost')}:{args.get('port', '8501')}",
-          flush=True)
-    return subprocess.call(command(args), env=env)
+    os.environ["SAE_EXPLORER_EVAL_DIR"], os.environ["SAE_EXPLORER_RUN_DIR"] = str(eval_dir), str(run)
+    import altair  # noqa: F401 - the app's imports, done before the server starts
+    import pandas  # noqa: F401
+    from streamlit.web import bootstrap
+
+    import sae_lightning.explorer.bundle  # noqa: F401
+
+    options = flags(args)
+    bootstrap.load_config_options(flag_options=options)
+    print(f"SAE Explorer for {eval_dir}: http://{options['server_address']}:{options['server_port']}", flush=True)
+    bootstrap.run(str(Path(__file__).with_name("app.py")), False, [], options)
+    return 0
 
 
 if __name__ == "__main__":
