@@ -1,6 +1,7 @@
 """Evaluate a trained SAE: `python evaluate.py run=<run dir> [n_images=N] [val_shards=...] [features=[1,2]]`.
 
-Config: conf/evaluate.yaml; outputs: docs/format-eval.md.
+Config: conf/evaluate.yaml; outputs: docs/format-eval.md; definitions: docs/metrics.md. The work is
+sae_lightning.evaluation.run.evaluate_run (inputs -> stream -> analyses -> outputs).
 """
 
 import hydra

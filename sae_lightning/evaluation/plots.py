@@ -59,8 +59,8 @@ def cluster_scatter(log_density: Tensor, log_mean_top: Tensor, entropy: Tensor, 
     right.hist(y[ok], bins=80, orientation="horizontal", color="tab:blue")
     top.tick_params(labelbottom=False)
     right.tick_params(labelleft=False)
-    top.yaxis.set_major_locator(MaxNLocator(integer=True))
-    right.xaxis.set_major_locator(MaxNLocator(integer=True))
+    top.yaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
+    right.xaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
     fig.colorbar(points, cax=fig.add_subplot(grid[1, 2]),
                  label=f"label entropy (nats, 0 to ln {round(math.exp(max_entropy))} classes)")
     fig.suptitle("SAE features: density against mean top activation")

@@ -5,7 +5,6 @@ words. The exact definitions are in docs/metrics.md."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 # (key, one-line definition, the seed's value or None). Grouped as the report shows them.
@@ -123,9 +122,3 @@ def render_report(metrics: dict[str, Any], notes: list[str], plots: dict[str, tu
     for heading, path in plots.values():
         lines += [f"## {heading}", "", f"![{heading}]({path})", ""]
     return "\n".join(lines)
-
-
-def write_report(path: Path, metrics: dict[str, Any], notes: list[str], plots: dict[str, tuple[str, str]]
-                 ) -> Path:
-    path.write_text(render_report(metrics, notes, plots), encoding="utf-8")
-    return path
