@@ -392,3 +392,43 @@ def test_served_app_in_headless_chromium(explored, demo_run):
     for name in ("overview", "navigator", "feature", "game", "inspect"):
         with PIL.Image.open(shots / f"{name}.png") as im:
             assert im.format == "PNG" and im.size[0] > 600
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_bundle_for_a_patch_run_uses_the_max_over_tokens(tmp_path, tiny_shards):
+    """A hand-made evaluation (2 top images per feature) of a random SAE on patch tokens: the game set's
+    sparse activations are the max over each image's patches, the histograms count every patch."""
+    from safetensors.torch import save_file
+
+    from sae_lightning.backbone import load_tiny_backbone
+
+    backbone = load_tiny_backbone(tmp_path / "tiny.pt")
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(backbone.width, 24)
+    shards = expand_shards(tiny_shards[1])
+    batch = next(iter(image_batches(shards, backbone.preprocess, 64, shuffle=0, shardshuffle=False)))
+    keys = batch["keys"]
+    n_f = 24
+    top = torch.stack([torch.arange(n_f) % 10, torch.arange(n_f) % 10 + 10], 1)  # images 0..19 are top images
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    save_file({"density": torch.full((n_f,), 0.5), "mean_top_activation": torch.ones(n_f),
+               "label_entropy": torch.zeros(n_f), "top_values": torch.ones(n_f, 2), "top_indices": top,
+               "top_labels": torch.zeros(n_f, 2, dtype=torch.long)}, str(ev / "features.safetensors"))
+    (ev / "features.json").write_text(json.dumps({"n_features": n_f, "classnames": None,
+                                                  "image_keys": {str(i): keys[i] for i in range(20)}}))
+    layer = 1
+    write_explorer_bundle(ev, sae, backbone, layer=layer, tokens="patches", shards=shards, n_game=10,
+                          n_hist_images=30, batch_size=16)
+    b = Bundle(ev)
+    assert b.game_keys == keys[20:30]  # the first 10 images that are no top image
+    acts = sae.encode(select_tokens(backbone.residual(batch["images"][:30], layer), "patches"))  # [30, T-1, F]
+    for i in range(10):
+        feats, vals = b.game_activations(i)
+        ref = acts[20 + i].amax(0)
+        assert set(feats.tolist()) == set(torch.nonzero(ref > 0).squeeze(1).tolist())
+        assert np.allclose(vals, ref[feats].numpy(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(b.arrays["hist_counts"].sum(1).long(), (acts > 0).sum((0, 1)))
+    assert b.info["hist_n_tokens"] == 30 * (backbone.n_tokens - 1)
+    assert len(b.thumbs.get_many(keys[:30])) == 30
