@@ -161,3 +161,22 @@ def test_missing_labels_make_the_loss_undefined_with_a_reason(tmp_path):
     reason = acc.undefined_reason()
     assert "3 labelled image(s)" in reason and "3 more without a label" in reason and "batch of 4" in reason
     assert out["zero_shot_kl_sae"] == 0.0  # the KL needs no labels: all 6 images count
+
+
+def test_swap_replaces_whole_and_cleans_what_a_killed_evaluation_left(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    out = tmp_path / "eval"
+    (out / "plots").mkdir(parents=True)
+    (out / "plots" / "old_grid.png").write_bytes(b"old")
+    (tmp_path / ".eval.tmp-killed").mkdir()  # kill -9 during an earlier write
+    (tmp_path / ".eval.tmp-killed" / "metrics.json").write_text("{")
+
+    def write_one(ev, directory):
+        (directory / "metrics.json").write_text('{"new": true}')
+
+    monkeypatch.setattr(outputs, "WRITERS", (write_one,))
+    outputs.write_evaluation(SimpleNamespace(figures={}), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]  # nothing of the old one mixed in
+    assert (out.stat().st_mode & 0o777) == 0o755

@@ -168,9 +168,18 @@ def swap_in(new: Path, out: Path) -> None:
     fsync_dir(out.parent)
 
 
+def remove_leftovers(out: Path) -> None:
+    """Temporary siblings a killed evaluation left (`.<name>.tmp-*`, `.<name>.old-*`): incomplete, or the
+    evaluation the one being written replaces."""
+    for leftover in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+        log.info("removing %s, left by an interrupted evaluation", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def write_evaluation(ev: Evaluation, out: Path) -> Path:
     """Every writer into a temporary sibling of `out`, then swap it in; on any failure nothing changes."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         for writer in WRITERS:
