@@ -68,14 +68,19 @@ def true_value(record: dict[str, Any], attribute: str) -> str | None:
 
 
 @torch.no_grad()
-def text_classifiers(backbone, prompts: dict[str, dict[str, list[str]]]) -> dict[str, torch.Tensor]:
+def text_classifiers(backbone, prompts: dict[str, dict[str, list[str]]], batch_size: int = 1024
+                     ) -> dict[str, torch.Tensor]:
     """{attribute: [n_values, embed_dim]} unit-norm classifiers (mean of unit prompt embeddings)."""
-    out = {}
+    texts = [t for values in prompts.values() for group in values.values() for t in group]
+    embedded = torch.cat([backbone.encode_text(texts[i:i + batch_size]).float().cpu()
+                          for i in range(0, len(texts), batch_size)])
+    embedded = torch.nn.functional.normalize(embedded, dim=-1)
+    out, start = {}, 0
     for attribute, values in prompts.items():
         rows = []
-        for texts in values.values():
-            embedding = torch.nn.functional.normalize(backbone.encode_text(list(texts)).float(), dim=-1).mean(0)
-            rows.append(torch.nn.functional.normalize(embedding, dim=-1))
+        for group in values.values():
+            rows.append(torch.nn.functional.normalize(embedded[start:start + len(group)].mean(0), dim=-1))
+            start += len(group)
         out[attribute] = torch.stack(rows)
     return out
 
@@ -120,3 +125,31 @@ def zero_shot_accuracies(backbone, images: Sequence[PIL.Image.Image], records: S
 def meets_targets(results: dict[str, dict[str, float]]) -> bool:
     """True when every attribute in TARGETS reaches its accuracy target."""
     return all(results[a]["accuracy"] >= t for a, t in TARGETS.items())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Score a CLIP checkpoint on freshly drawn held-out scenes: `python -m sae_lightning.world.zeroshot PATH`."""
+    import argparse
+    import json
+
+    from sae_lightning.backbone import load_backbone
+    from sae_lightning.data.synthetic import _split_rng
+    from sae_lightning.world.clip_model import render_scenes
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("pretrained", help="checkpoint file (or an open_clip pretrained tag)")
+    parser.add_argument("--model", default="sae-tiny-clip", help="open_clip model name")
+    parser.add_argument("--n", type=int, default=1000, help="number of held-out scenes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split", default="clip-heldout", help="random stream the scenes are drawn from")
+    parser.add_argument("--image-size", type=int, default=64)
+    args = parser.parse_args(argv)
+    backbone = load_backbone(args.model, pretrained=args.pretrained)
+    images, records = render_scenes(_split_rng(args.seed, args.split), args.n, args.image_size)
+    results = zero_shot_accuracies(backbone, images, records)
+    results["meets_targets"] = meets_targets(results)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
