@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import sae_lightning
 from sae_lightning.data.datamodule import AUTOCAST_DTYPES
+from sae_lightning.evaluation.inputs import load_run_config, resolve_device
 from sae_lightning.sae import SparseAutoencoder
 from sae_lightning.visualisation.figure import (
     NaturalTopImages,
@@ -31,11 +32,6 @@ from sae_lightning.visualisation.figure import (
 from sae_lightning.visualisation.objective import REDUCTIONS
 from sae_lightning.visualisation.optimise import VisualisationResult, visualise_features
 from sae_lightning.visualisation.transforms import TransformConfig
-
-try:  # evaluation/run.py is being split; these two move to evaluation/inputs.py
-    from sae_lightning.evaluation.inputs import load_run_config, resolve_device
-except ImportError:  # pragma: no cover - the layout before the split
-    from sae_lightning.evaluation.run import load_run_config, resolve_device
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
