@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas  # noqa: F401
     from streamlit.web import bootstrap
 
-    import sae_lightning.explorer.bundle  # noqa: F401
+    import sae_lightning.explorer.store  # noqa: F401
 
     options = flags(args)
     bootstrap.load_config_options(flag_options=options)

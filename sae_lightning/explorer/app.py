@@ -17,10 +17,9 @@ import numpy as np
 import pandas as pd
 import PIL.Image
 import streamlit as st
-import torch
 
-from sae_lightning.explorer.bundle import GRID_SIZE, Bundle
 from sae_lightning.explorer.game import N_CANDIDATES, N_TOP
+from sae_lightning.explorer.store import GRID_SIZE, Bundle
 
 PAGES = {"overview": "Overview", "navigator": "Feature navigator", "feature": "Feature page",
          "game": "Guess the image", "inspect": "Inspect an image"}
@@ -46,20 +45,21 @@ def feature_table(eval_dir: str) -> pd.DataFrame:
     """One row per feature: the columns the navigator filters and sorts on."""
     b = load_bundle(eval_dir)
     t = b.features
-    labels = t["top_labels"]
-    mode = torch.mode(labels, dim=1).values.tolist() if labels.shape[1] else [-1] * b.n_features
+    labels = np.sort(t["top_labels"], axis=1)  # the most common label among the top images (ties: smallest)
+    counts = (labels[:, :, None] == labels[:, None, :]).sum(2)
+    mode = labels[np.arange(len(labels)), counts.argmax(1)].tolist() if labels.shape[1] else [-1] * b.n_features
     fired = t["top_indices"][:, 0] >= 0
     names = [b.label_name(m) if ok else "" for m, ok in zip(mode, fired.tolist())]
     auto = b.info.get("auto_labels") or {}
     return pd.DataFrame({
         "feature": np.arange(b.n_features),
-        "density": t["density"].numpy(),
-        "log10_density": np.log10(t["density"].double().numpy() + 1e-10),
-        "mean_top_activation": t["mean_top_activation"].numpy(),
-        "label_entropy": t["label_entropy"].numpy(),
-        "in_cluster": t["in_cluster"].numpy() if "in_cluster" in t else np.zeros(b.n_features, bool),
-        "max_mlp_cosine": t["max_mlp_cosine"].numpy() if "max_mlp_cosine" in t else np.nan,
-        "aligned_neurons": t["aligned_neurons"].numpy() if "aligned_neurons" in t else -1,
+        "density": t["density"],
+        "log10_density": np.log10(t["density"].astype(np.float64) + 1e-10),
+        "mean_top_activation": t["mean_top_activation"],
+        "label_entropy": t["label_entropy"],
+        "in_cluster": t["in_cluster"] if "in_cluster" in t else np.zeros(b.n_features, bool),
+        "max_mlp_cosine": t["max_mlp_cosine"] if "max_mlp_cosine" in t else np.nan,
+        "aligned_neurons": t["aligned_neurons"] if "aligned_neurons" in t else -1,
         "top_label": names,
         "auto_label": [auto.get(str(f), "") for f in range(b.n_features)],
     })
@@ -223,7 +223,7 @@ def page_feature(b: Bundle, ed: str) -> None:
         st.info("This feature never fired on the held-out images.")
     left, right = st.columns(2)
     edges = np.asarray(b.info["hist_bins_log10"])
-    counts = b.arrays["hist_counts"][f].numpy()
+    counts = b.arrays["hist_counts"][f]
     hist = pd.DataFrame({"log10 activation": edges[:-1], "end": edges[1:], "tokens": counts})
     left.markdown("**Activation histogram** (f > 0)")
     left.altair_chart(alt.Chart(hist).mark_bar().encode(
@@ -329,14 +329,16 @@ def load_models(run_dir: str):
     return backbone, sae, backbone.resolve_layer(int(cfg.layer)), str(cfg.tokens)
 
 
-@torch.no_grad()
 def image_activations(run_dir: str, image: PIL.Image.Image) -> np.ndarray:
     """[F] per-image activations (max over the hooked tokens) of one image."""
+    import torch
+
     from sae_lightning.backbone import select_tokens
 
     backbone, sae, layer, tokens = load_models(run_dir)
     x = backbone.preprocess(image.convert("RGB")).unsqueeze(0)
-    acts = sae.encode(select_tokens(backbone.residual(x, layer), tokens).float())
+    with torch.no_grad():
+        acts = sae.encode(select_tokens(backbone.residual(x, layer), tokens).float())
     return (acts.amax(1) if acts.dim() == 3 else acts)[0].numpy()
 
 

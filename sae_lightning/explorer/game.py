@@ -87,12 +87,12 @@ def game_metric(eval_dir: str | Path, seed: int = 0, n_top: int = N_TOP,
 
     Chance is 1 / n_candidates. Keys for metrics.json: game_machine_accuracy, game_baseline_accuracy, ...
     """
-    from sae_lightning.explorer.bundle import Bundle
+    from sae_lightning.explorer.store import Bundle
 
     bundle = Bundle(eval_dir)
     n = len(bundle.game_keys)
     emb = bundle.embeddings()
-    embedding_of = dict(zip(bundle.info["top_embedding_keys"], emb["top_embeddings"].float().numpy()))
+    embedding_of = dict(zip(bundle.info["top_embedding_keys"], emb["top_embeddings"].astype(np.float32)))
     top_features = []
     for i in range(n):
         feats, vals = bundle.game_activations(i)
@@ -104,7 +104,7 @@ def game_metric(eval_dir: str | Path, seed: int = 0, n_top: int = N_TOP,
     pool = [f for f in bundle.info["baseline_features"] if f in feature_emb]
     if len(pool) < n_top:
         raise ValueError(f"only {len(pool)} baseline features with embedded top images: cannot draw {n_top}")
-    game_emb = emb["game_embeddings"].float().numpy()
+    game_emb = emb["game_embeddings"].astype(np.float32)
     game_emb = game_emb / np.linalg.norm(game_emb, axis=1, keepdims=True).clip(1e-12)
     result = play(top_features, feature_emb, game_emb, candidate_sets(n, seed, n_candidates), pool, seed)
     return {**result, "chance": 1 / n_candidates}

@@ -1,0 +1,128 @@
+"""The read side of the explorer bundle (docs/explorer.md), numpy only: the app starts without torch.
+
+`Bundle(eval_dir)` opens `<eval_dir>/features.*`, `metrics.json` and `<eval_dir>/explorer/`;
+`ThumbnailStore` is the SQLite file of JPEG thumbnails. sae_lightning.explorer.bundle writes both.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+BUNDLE_VERSION = 1
+BUNDLE_DIR = "explorer"
+GRID_SIZE = 16
+# fixed histogram bins for every feature: log10(activation) in [HIST_LOW, HIST_HIGH], values outside clamp
+# into the end bins; only f > 0 is counted (the zeros are (1 - density) * n_tokens)
+HIST_LOW, HIST_HIGH, HIST_BINS = -4.0, 3.0, 56
+MLP_COSINE_SCALE = 127.0  # int8 storage: cosine ~= q / 127
+EMBEDDINGS = ("game_embeddings", "top_embeddings")
+
+
+def hist_edges() -> np.ndarray:
+    """The HIST_BINS + 1 bin edges in log10(activation)."""
+    return np.linspace(HIST_LOW, HIST_HIGH, HIST_BINS + 1)
+
+
+
+class ThumbnailStore:
+    """One SQLite file, table `thumbnails(key TEXT PRIMARY KEY, jpeg BLOB) WITHOUT ROWID`."""
+
+    def __init__(self, path: str | Path, write: bool = False) -> None:
+        self.path = Path(path)
+        if write:
+            self.db = sqlite3.connect(self.path)
+            self.db.execute("PRAGMA journal_mode=OFF")
+            self.db.execute("CREATE TABLE IF NOT EXISTS thumbnails (key TEXT PRIMARY KEY, jpeg BLOB NOT NULL) "
+                            "WITHOUT ROWID")
+        else:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no thumbnail store at {self.path}")
+            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
+    def put_many(self, rows: Iterable[tuple[str, bytes]]) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO thumbnails VALUES (?, ?)", rows)
+        self.db.commit()
+
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for start in range(0, len(keys), 500):
+            part = keys[start : start + 500]
+            marks = ",".join("?" * len(part))
+            found.update(self.db.execute(f"SELECT key, jpeg FROM thumbnails WHERE key IN ({marks})", part))
+        return found
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM thumbnails").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class Bundle:
+    """Read side for the app: the per-feature table, the bundle arrays and lazy MLP-cosine rows."""
+
+    def __init__(self, eval_dir: str | Path) -> None:
+        self.eval_dir = Path(eval_dir)
+        self.dir = self.eval_dir / BUNDLE_DIR
+        if not (self.dir / "bundle.json").is_file():
+            raise FileNotFoundError(f"{self.dir}/bundle.json not found: evaluate the run with the explorer "
+                                    f"bundle (python evaluate.py run=<run>) first")
+        self.info = json.loads((self.dir / "bundle.json").read_text())
+        if self.info.get("format_version") != BUNDLE_VERSION:
+            raise ValueError(f"{self.dir}: bundle format {self.info.get('format_version')}, this app reads "
+                             f"{BUNDLE_VERSION}: re-run evaluate.py")
+        self.features: dict[str, np.ndarray] = load_file(str(self.eval_dir / "features.safetensors"))
+        self.meta = json.loads((self.eval_dir / "features.json").read_text())
+        metrics = self.eval_dir / "metrics.json"
+        self.metrics = json.loads(metrics.read_text()) if metrics.is_file() else {}
+        with safe_open(str(self.dir / "explorer.safetensors"), "np") as fh:  # embeddings: game_metric only
+            self.arrays = {k: fh.get_tensor(k) for k in fh.keys() if k not in EMBEDDINGS}
+        self._cosines = safe_open(str(self.dir / "mlp_cosines.safetensors"), "np")
+        self.thumbs = ThumbnailStore(self.dir / "thumbnails.sqlite")
+        self.classnames: list[str] | None = self.meta.get("classnames")
+        self.n_features = int(self.info["n_features"])
+        self.game_keys: list[str] = self.info["game_keys"]
+
+    def label_name(self, label: int) -> str:
+        if self.classnames and 0 <= label < len(self.classnames):
+            return self.classnames[label]
+        return "unlabelled" if label < 0 else f"label {label}"
+
+    def auto_label(self, f: int) -> str | None:
+        labels = self.info.get("auto_labels") or {}
+        return labels.get(str(f))
+
+    def mlp_cosine(self, f: int) -> np.ndarray:
+        """[H] cosines of feature f's encoder vector with every MLP neuron (read lazily, one row)."""
+        row = self._cosines.get_slice("mlp_cosine_q")[f : f + 1]
+        return row[0].astype(np.float32) / self.info["mlp_cosine_scale"]
+
+    def top_images(self, f: int, n: int = GRID_SIZE) -> list[tuple[str, float, int]]:
+        """(key, activation, label) of feature f's filled top slots, descending."""
+        out = []
+        for i, v, lab in zip(self.features["top_indices"][f, :n].tolist(), self.features["top_values"][f, :n].tolist(),
+                             self.features["top_labels"][f, :n].tolist()):
+            if i < 0:
+                break
+            out.append((self.meta["image_keys"][str(i)], v, lab))
+        return out
+
+    def game_activations(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Game image i's firing features and their activations (sparse row), by descending activation."""
+        lo, hi = int(self.arrays["game_indptr"][i]), int(self.arrays["game_indptr"][i + 1])
+        feats = self.arrays["game_features"][lo:hi]
+        vals = self.arrays["game_values"][lo:hi]
+        order = np.argsort(-vals, kind="stable")
+        return feats[order], vals[order]
+
+    def embeddings(self) -> dict[str, np.ndarray]:
+        """game_embeddings [n_game, D] and top_embeddings [M, D] (float16, normalised)."""
+        with safe_open(str(self.dir / "explorer.safetensors"), "np") as fh:
+            return {k: fh.get_tensor(k) for k in EMBEDDINGS}
