@@ -86,10 +86,11 @@ def bare_loop(case: StepCase, data: torch.Tensor) -> tuple[float, float]:
     return start.rates(case.steps * case.batch)
 
 
-def project_step(case: StepCase, data: torch.Tensor, log_dir: str) -> tuple[float, float, float]:
+def project_step(case: StepCase, data: torch.Tensor, log_dir: str, compile: bool = False
+                 ) -> tuple[float, float, float]:
     """(tokens per wall second, per CPU second, density-histogram ms) of the Lightning run."""
     module = SAETrainingModule(new_sae(case), lr=LR, lr_warmup_steps=LR_WARMUP, dead_feature_window=DEAD_WINDOW,
-                               feature_sampling_window=SAMPLING_WINDOW)
+                               feature_sampling_window=SAMPLING_WINDOW, compile=compile)
     datamodule = ActivationsDataModule(data, sae_batch_size=case.batch, buffer_size=4 * case.batch)
     clock, histogram = StepClock(), DensityHistogramCallback()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=case.warmup + case.steps, max_epochs=-1,
@@ -123,6 +124,32 @@ def best_rates(case: StepCase, data: torch.Tensor, log_dir: str, repeats: int
             max(r[1] for r in project), min(r[2] for r in project))
 
 
+COMPILE_CASES = [StepCase(768, 16, 128, 10, warmup=4), StepCase(1024, 16, 128, 10, warmup=4)]
+QUICK_COMPILE_CASES = [StepCase(256, 4, 128, 10, warmup=4)]
+
+
+def compile_rows(quick: bool, log_dir: str) -> list[list]:
+    """Eager vs `module.compile=true` (torch.compile of the SAE loss), the same run side by side."""
+    rows = []
+    for case in QUICK_COMPILE_CASES if quick else COMPILE_CASES:
+        n_rows = (4 + case.warmup + case.steps + 2) * case.batch
+        data = torch.randn(n_rows, case.d, generator=torch.Generator().manual_seed(0)) + 1.0
+        eager, compiled = [], []
+        for repeat in range(1 if quick else 2):
+            for compile in (False, True) if repeat % 2 == 0 else (True, False):
+                gc.collect()
+                try:
+                    rate = project_step(case, data, log_dir, compile=compile)[0]
+                except Exception as err:  # noqa: BLE001 - a missing compiler must not sink the whole report
+                    rate = float("nan")
+                    print(f"[bench] torch.compile failed: {type(err).__name__}: {err}", flush=True)
+                (compiled if compile else eager).append(rate)
+        best_eager, best_compiled = max(eager), max(compiled)
+        rows.append([case.d, case.expansion, case.batch, f"{best_eager:,.0f}", f"{best_compiled:,.0f}",
+                     f"{best_compiled / best_eager:.2f}"])
+    return rows
+
+
 def run(quick: bool = False) -> Section:
     rows, repeats = [], QUICK_REPEATS if quick else REPEATS
     with tempfile.TemporaryDirectory() as log_dir:
@@ -137,6 +164,7 @@ def run(quick: bool = False) -> Section:
                          f"{proj_cpu / bare_cpu:.2f}", f"{step_ms:,.1f}", f"{overhead_ms:+.1f}",
                          f"{bare_wall * case.mflop_per_token() / 1e3:.1f}",
                          f"{histogram_ms:.0f} ms ({100 * histogram_ms / SAMPLING_WINDOW / step_ms:.2f}%)"])
+        compiled = compile_rows(quick, log_dir)
     body = f"""
 Tokens per second of one SAE training step (forward, loss with ghost grads, backward, Adam), CPU, fp32.
 "project" is the full training step: `SAETrainingModule` under `lightning.Trainer` fed by
@@ -156,5 +184,12 @@ density histogram (a matplotlib figure + TensorBoard histogram) fires once per `
 {table(["d", "expansion", "F", "batch", "timed steps", "bare tokens/s", "project tokens/s",
         "project / bare (wall)", "ratio (CPU)", "project ms/step", "overhead ms/step", "bare GFLOP/s",
         "histogram (per step)"], rows)}
+
+The step needs no host-device synchronisation: ghost grads are computed densely with a mask, and a
+non-finite step is skipped on the device by fused Adam (`found_inf`) and reported at the next logging step.
+`module.compile=true` runs the SAE's loss through `torch.compile` (inductor; on CPU it needs a C++ compiler).
+Eager vs compiled, the full project step, best of the runs, compile time excluded (warm-up steps):
+
+{table(["d", "expansion", "batch", "eager tokens/s", "compiled tokens/s", "compiled / eager"], compiled)}
 """
     return Section("SAE-step overhead: project vs bare PyTorch", body)

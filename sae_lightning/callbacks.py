@@ -165,6 +165,7 @@ class ExportSAECallback(Callback):
         self._exported_step = trainer.global_step
         for path, text in self.pending_files.items():
             tmp = path.with_name(path.name + ".tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_text(text)
             os.replace(tmp, path)
         self.pending_files = {}

@@ -36,7 +36,11 @@ class ExplainedVariance(Metric):
 
 
 class ExplainedVarianceUncentred(Metric):
-    """mean_b (1 - ||x_b - x_hat_b||^2 / ||x_b||^2): the seed's 86%."""
+    """mean_b (1 - ||x_b - x_hat_b||^2 / ||x_b||^2): the seed's 86%.
+
+    Rows with x_b = 0 (a zero-padded token, an empty planted sample) have no defined ratio and are left out of
+    the mean (docs/metrics.md).
+    """
 
     full_state_update = False
     higher_is_better = True
@@ -48,8 +52,11 @@ class ExplainedVarianceUncentred(Metric):
 
     def update(self, x_hat: torch.Tensor, x: torch.Tensor) -> None:
         x, x_hat = x.double(), x_hat.double()
-        self.total += (1 - (x - x_hat).pow(2).sum(-1) / x.pow(2).sum(-1)).sum()
-        self.n += x.shape[0]
+        norm2 = x.pow(2).sum(-1)
+        defined = norm2 > 0
+        ratio = (x - x_hat).pow(2).sum(-1) / torch.where(defined, norm2, torch.ones_like(norm2))
+        self.total += torch.where(defined, 1 - ratio, torch.zeros_like(ratio)).sum()
+        self.n += defined.sum()
 
     def compute(self) -> torch.Tensor:
         return self.total / self.n

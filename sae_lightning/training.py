@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # Our checkpoints hold the state after each step on purpose; Lightning warns about it for manual optimisation.
 warnings.filterwarnings("ignore", message=".*no pre-optimization state was saved.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*isinstance.treespec, LeafSpec.*")  # Lightning vs torch 2.14, harmless
 
 # What an SAE means: a resume that changes any of these would silently train a different SAE, so it refuses.
 SEMANTIC_KEYS = ("backbone._target_", "backbone.name", "backbone.pretrained", "backbone.quick_gelu", "layer", "tokens",
@@ -229,8 +231,17 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None) ->
     return loggers
 
 
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (accelerator lines, tips, "max_steps reached") out of the console;
+    its warnings still show."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.seed", "lightning.pytorch.callbacks.model_summary"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train(cfg: DictConfig) -> Path:
     """Train one SAE as `cfg` says; returns the run directory."""
+    quiet_lightning()
     validate_train_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt = resolve_checkpoint(cfg, output_dir)
@@ -240,13 +251,15 @@ def train(cfg: DictConfig) -> Path:
         old_config, resume_step = load_checkpoint_config(ckpt)
         if old_config is not None:
             knob_changes = compare_resume_config(old_config, cfg)
-    prepare_run_directory(cfg, output_dir, ckpt)
+    launched_rank = os.environ.get("LOCAL_RANK", "0") != "0"  # a DDP process started by rank 0's launcher
+    if not launched_rank:
+        prepare_run_directory(cfg, output_dir, ckpt)
     if cfg.get("backbone") is not None:  # fail on shards and layer before any weights are downloaded
         require_train_shards(cfg.data.train_shards)
         if "name" in cfg.backbone:
             check_layer(cfg.backbone.name, cfg.layer)
     output_dir.mkdir(parents=True, exist_ok=True)
-    for path in clean_stale_temporaries(output_dir):
+    for path in [] if launched_rank else clean_stale_temporaries(output_dir):
         log.warning("Removed %s, left by an interrupted write.", path)
     resolved_text = OmegaConf.to_yaml(cfg, resolve=True)
     if ckpt is None:
@@ -296,4 +309,7 @@ def train(cfg: DictConfig) -> Path:
                     "(exit code %d).", name, trainer.global_step, output_dir / "checkpoints" / "last.ckpt",
                     SIGNAL_EXIT_CODES[name])
         raise SystemExit(SIGNAL_EXIT_CODES[name]) from None
+    if trainer.is_global_zero:
+        log.info("Done: %d steps. SAE in %s, checkpoints in %s. Next: python evaluate.py run=%s",
+                 trainer.global_step, output_dir / "sae", output_dir / "checkpoints", output_dir)
     return output_dir

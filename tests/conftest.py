@@ -40,6 +40,7 @@ def demo_overrides(output_dir: Path, data_dir: Path, shards: tuple[str, str], ex
     train, val = shards
     return [
         "experiment=demo",
+        "backbone=tiny",  # the untrained tiny ViT: the demo's trained tiny CLIP (backbone=tiny_clip) takes minutes
         f"paths.root_dir={ROOT}",
         f"paths.data_dir={data_dir}",
         f"paths.output_dir={output_dir}",

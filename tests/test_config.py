@@ -37,7 +37,7 @@ def test_one_override_changes_one_thing():
 
 def test_demo_swaps_backbone_data_and_trainer():
     cfg = compose_config(["experiment=demo"])
-    assert cfg.backbone._target_.endswith("load_tiny_backbone")
+    assert cfg.backbone.name == "sae-tiny-clip"  # the tiny CLIP trained on the scenes (sae_lightning/world)
     assert cfg.trainer.accelerator == "cpu"
     assert "demo_shards" in OmegaConf.to_container(cfg.data)["train_shards"]
 

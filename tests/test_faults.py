@@ -15,7 +15,7 @@ from sae_lightning.callbacks import ExportSAECallback, SAECheckpoint
 from sae_lightning.module import SAETrainingModule, TrainingDiverged
 from sae_lightning.sae import SparseAutoencoder
 from sae_lightning.sae import functional as F_sae
-from tests.conftest import compose_config, demo_overrides
+from tests.conftest import ROOT, compose_config, demo_overrides
 from tests.test_training import run_train_cli, training_events_dir
 
 
@@ -95,7 +95,8 @@ def test_sigterm_saves_the_step_and_resume_continues_in_the_same_run(tmp_path, d
                             "+callbacks.stop._target_=tests.helpers.SignalAtStep", "+callbacks.stop.step=7",
                             f"+callbacks.stop.signum={int(signal.SIGTERM)}"])
     assert result.returncode == 143, result.stderr[-3000:]
-    assert "SIGTERM" in result.stderr and "ckpt_path=" in result.stderr
+    console = result.stdout + result.stderr
+    assert "Stopped by SIGTERM after step 8" in console and "ckpt_path=" in console
     from sae_lightning.sae.io import read_sae_step
 
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
@@ -146,7 +147,8 @@ def test_a_resume_that_changes_what_the_sae_means_refuses(finished_run, data_dir
     before = _snapshot(finished_run)
     cfg = compose_config(demo_overrides(finished_run, data_dir, tiny_shards, [
         f"ckpt_path={finished_run / 'checkpoints' / 'last.ckpt'}", "expansion=8", "tokens=all"]))
-    with pytest.raises(ValueError, match="(?s)expansion: 4 in the checkpoint, 8 now.*tokens"):
+    expected = "(?s)tokens: .cls. in the checkpoint, .all. now.*expansion: 4 in the checkpoint, 8 now"
+    with pytest.raises(ValueError, match=expected):
         train(cfg)
     assert _snapshot(finished_run) == before
 
@@ -175,7 +177,7 @@ def test_stale_temporaries_are_removed_at_start(finished_run, data_dir, tiny_sha
 def test_runs_on_stored_activations_have_no_contrastive_callback(tmp_path, caplog):
     from sae_lightning.training import train
 
-    cfg = compose_config(["experiment=planted", f"paths.output_dir={tmp_path}", "max_steps=3",
+    cfg = compose_config(["experiment=planted", f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path}", "max_steps=3",
                           "data.activations.n=2048", "trainer.enable_progress_bar=false"])
     with caplog.at_level("WARNING"):
         train(cfg)

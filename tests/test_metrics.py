@@ -45,3 +45,14 @@ def test_l0_density_and_counts():
     assert density.compute().tolist() == [0.0, 0.25, 0.75, 0.0]
     counts = density_counts(torch.tensor([0.0, 5e-6, 0.05, 0.5]))
     assert counts == {"dead_features": 1, "ultra_rare_features": 2, "dense_features": 1}
+
+
+def test_zero_rows_are_left_out_of_the_uncentred_explained_variance():
+    """An all-zero row has no ratio ||x - x_hat||^2 / ||x||^2: it must not turn the mean into NaN or -inf."""
+    from sae_lightning.metrics import ExplainedVarianceUncentred
+
+    metric = ExplainedVarianceUncentred()
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    x_hat = torch.tensor([[3.0, 3.0], [1.0, 0.0]])
+    metric.update(x_hat, x)
+    assert float(metric.compute()) == 1 - 1 / 25
