@@ -90,6 +90,7 @@ def generate(root: Path, n_features: int, n_thumbnails: int, seed: int = 0) -> P
         synthetic_thumbnail(rng).save(buffer, format="JPEG", quality=85)
         pool.append(buffer.getvalue())
     game_keys = [f"game.tar/{i:06d}" for i in range(N_GAME)]
+    (ev / "explorer" / "thumbnails.sqlite").unlink(missing_ok=True)
     db = sqlite3.connect(ev / "explorer" / "thumbnails.sqlite")
     db.execute("PRAGMA journal_mode=OFF")
     db.execute("CREATE TABLE thumbnails (key TEXT PRIMARY KEY, jpeg BLOB NOT NULL) WITHOUT ROWID")
