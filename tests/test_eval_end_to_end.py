@@ -190,3 +190,22 @@ def test_count_shard_images_reads_headers_and_stops_at_the_limit(tiny_shards):
     assert count_shard_images(urls, 10**9) == 128
     assert count_shard_images(urls, 20) == 20
     assert count_shard_images(["pipe:cat x.tar"], 10) is None
+
+
+def test_uint8_images_from_the_workers_give_the_same_evaluation(tmp_path, tiny_shards):
+    """evaluate.py streams uint8 pixels (normalised by the backbone on the device): same numbers as fp32."""
+    backbone = load_tiny_backbone(tmp_path / "tiny.pt")
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(backbone.width, 96)
+    results = []
+    for transform in (backbone.preprocess, backbone.pixel_transform):
+        loader = image_batches(tiny_shards[1], transform, 8, shuffle=0, shardshuffle=False, partial=True)
+        results.append(stream_pass(backbone, sae, loader, layer=1, tokens="cls", n_images=16, k=4,
+                                   classnames=DEMO_CLASSNAMES, contrastive_batch_size=8, max_tokens=4096,
+                                   device=torch.device("cpu")))
+    fp32, uint8 = results
+    assert next(iter(image_batches(tiny_shards[1], backbone.pixel_transform, 2, shuffle=0)))["images"].dtype \
+        == torch.uint8
+    assert uint8.reconstruction == pytest.approx(fp32.reconstruction, rel=1e-4)
+    assert uint8.contrastive == pytest.approx(fp32.contrastive, rel=1e-4, abs=1e-6)
+    assert torch.allclose(uint8.stats.density, fp32.stats.density)

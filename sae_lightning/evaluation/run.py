@@ -55,7 +55,8 @@ def _evaluate(cfg: DictConfig) -> dict[str, Any]:
              "contrastive loss in batches of %d images", inputs.run, inputs.layer, inputs.tokens,
              f"{expected:,}" if available is not None else f"up to {expected:,}", len(inputs.urls),
              inputs.device, inputs.backbone.name, inputs.backbone.pretrained, cfg.contrastive_batch_size)
-    loader = image_loader(inputs.urls, inputs.backbone.preprocess, cfg.batch_size, num_workers=cfg.num_workers,
+    # uint8 pixels from the workers (a quarter of fp32's bytes); the backbone normalises them on the device
+    loader = image_loader(inputs.urls, inputs.backbone.pixel_transform, cfg.batch_size, num_workers=cfg.num_workers,
                           pin_memory=inputs.device.type == "cuda", shuffle=cfg.shuffle, shardshuffle=True,
                           seed=cfg.seed, partial=True)
     stream = stream_pass(inputs.backbone, inputs.sae, loader, layer=inputs.layer, tokens=inputs.tokens,
