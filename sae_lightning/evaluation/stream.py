@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from sae_lightning.backbone import select_tokens
 from sae_lightning.data.shards import IMAGE_KEYS
-from sae_lightning.evaluation.contrastive import ContrastiveAccumulator, three_way_features
+from sae_lightning.evaluation.contrastive import ContrastiveAccumulator, class_text_features, three_way_features
 from sae_lightning.evaluation.feature_stats import FeatureStats, FeatureStatsAccumulator, KeyTable
 from sae_lightning.evaluation.reconstruction import ReconstructionAccumulator
 from sae_lightning.sae import SparseAutoencoder
@@ -102,8 +102,6 @@ def stream_pass(backbone, sae: SparseAutoencoder, loader, *, layer: int, tokens:
     recon = ReconstructionAccumulator(sae.d_in, device)
     contrastive = None
     if classnames:
-        from sae_lightning.evaluation.contrastive import class_text_features
-
         text = class_text_features(backbone, classnames)
         contrastive = ContrastiveAccumulator(text, backbone.logit_scale(), contrastive_batch_size)
     per_chunk = max(1, max_tokens // backbone.n_tokens_for(tokens))
