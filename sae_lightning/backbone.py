@@ -237,6 +237,9 @@ class Backbone(nn.Module):
         self.pixel_transform, mean, std = split_preprocess(preprocess)
         self.register_buffer("pixel_mean", mean.reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", std.reshape(1, 3, 1, 1), persistent=False)
+        # uint8 x -> x * scale + bias == (x / 255 - mean) / std, in one multiply-add over the batch
+        self.register_buffer("pixel_scale", (1.0 / (255.0 * std)).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_bias", (-mean / std).reshape(1, 3, 1, 1), persistent=False)
 
     def train(self, mode: bool = True) -> "Backbone":
         """The backbone is frozen: it stays in eval mode whatever the caller asks."""
@@ -270,7 +273,9 @@ class Backbone(nn.Module):
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> normalised (on the images' device); float images pass unchanged. Model dtype."""
         if images.dtype == torch.uint8:
-            images = self.normalise_pixels(images.float().div_(255))
+            scale = self.pixel_scale.to(images.device, non_blocking=True)
+            bias = self.pixel_bias.to(images.device, non_blocking=True)
+            images = images.float().mul_(scale).add_(bias)
         elif not images.is_floating_point():
             raise TypeError(f"images must be uint8 pixels or normalised float images, got {images.dtype}.")
         return images.to(self.visual.conv1.weight.dtype)
