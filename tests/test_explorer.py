@@ -96,6 +96,23 @@ def test_machine_player_on_a_hand_built_game():
     assert result["baseline_accuracy"] < 1.0
 
 
+def test_random_feature_baseline_is_at_chance_and_real_features_beat_it():
+    """2,000 images in 40 classes; feature c's top images are class c's: the image's own features find it far
+    above chance, random features land at 1/8 (binomial sd 0.0074 at 2,000 rounds)."""
+    rng = np.random.default_rng(0)
+    n, d, classes = 2000, 16, 40
+    centres = rng.normal(size=(classes, d))
+    label = rng.integers(0, classes, n)
+    emb = centres[label] + 0.8 * rng.normal(size=(n, d))
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    feature_emb = {c: emb[label == c].mean(0) for c in range(classes)}
+    top = [([int(label[t])], [1.0]) for t in range(n)]
+    result = play(top, feature_emb, emb, candidate_sets(n, seed=1), baseline_pool=list(range(classes)), seed=1)
+    assert result["n_rounds"] == n
+    assert abs(result["baseline_accuracy"] - 1 / 8) < 0.03
+    assert result["accuracy"] > 0.5
+
+
 def test_thumbnail_store_round_trip(tmp_path):
     store = ThumbnailStore(tmp_path / "t.sqlite", write=True)
     store.put_many([("a.tar/1", b"\xff\xd8one"), ("a.tar/2", b"two")])
@@ -339,6 +356,10 @@ def test_served_app_in_headless_chromium(explored, demo_run):
         browser.wait_for("document.querySelectorAll('canvas, svg.marks').length >= 2")  # the vega charts
         browser.wait_for(SETTLED)
         browser.screenshot(shots / "overview.png")
+        first_live = int(np.nonzero(b.features["density"] > 0)[0][0])  # the scatter's first point
+        browser.click_at("g.mark-symbol path")
+        browser.wait_for(f"[...document.querySelectorAll('h1')].some(h => h.innerText.trim() === "
+                         f"'Feature {first_live}')")  # clicking a point opened its feature
 
         browser.goto(f"{url}/?page=navigator")
         browser.wait_for(f"document.body.innerText.includes('{b.n_features:,} features match')")

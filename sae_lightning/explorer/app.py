@@ -103,6 +103,13 @@ def fmt(value, digits: int = 3) -> str:
 # ---------------------------------------------------------------------------------------------- pages
 
 
+def scatter_clicked() -> None:
+    """A click on a point of the Overview's scatter opens that feature's page."""
+    points = st.session_state.scatter.selection.get("pick") or []
+    if points and "feature" in points[0]:
+        open_feature(int(points[0]["feature"]))
+
+
 def page_overview(b: Bundle, ed: str) -> None:
     st.title("SAE Explorer: overview")
     m = b.metrics
@@ -134,11 +141,7 @@ def page_overview(b: Bundle, ed: str) -> None:
         color=alt.Color("label_entropy", scale=alt.Scale(scheme="viridis"), title="label entropy"),
         tooltip=["feature", "density", "mean_top_activation", "label_entropy", "top_label"],
     ).add_params(pick)
-    event = st.altair_chart(scatter, on_select="rerun", key="scatter", width="stretch")
-    points = (event or {}).get("selection", {}).get("pick") or []
-    if points and "feature" in points[0]:
-        f = int(points[0]["feature"])
-        st.button(f"Open feature {f}", on_click=open_feature, args=(f,), key="open_from_scatter")
+    st.altair_chart(scatter, on_select=scatter_clicked, key="scatter", width="stretch")
     st.subheader("Neuron alignment")
     cols = st.columns(2)
     for col, name in zip(cols, ("alignment_max_cosine", "alignment_counts")):

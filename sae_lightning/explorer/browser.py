@@ -82,6 +82,16 @@ class Chromium:
         self.wait_for(f"!!{button}", timeout)
         self.js(f"{button}.click()")
 
+    def click_at(self, selector: str) -> None:
+        """A real mouse click (move, press, release) at the centre of the first element matching `selector`."""
+        element = f"document.querySelector({json.dumps(selector)})"
+        self.wait_for(f"!!{element}")
+        self.js(f"{element}.scrollIntoView({{block: 'center'}})")
+        x, y, w, h = self.js(f"(r => [r.x, r.y, r.width, r.height])({element}.getBoundingClientRect())")
+        self.call("Input.dispatchMouseEvent", type="mouseMoved", x=x + w / 2, y=y + h / 2)
+        for kind in ("mousePressed", "mouseReleased"):
+            self.call("Input.dispatchMouseEvent", type=kind, x=x + w / 2, y=y + h / 2, button="left", clickCount=1)
+
     def screenshot(self, path: Path) -> None:
         path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
 
