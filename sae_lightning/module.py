@@ -44,7 +44,10 @@ class TrainingDiverged(FloatingPointError):
 
 
 class SAETrainingModule(LightningModule):
-    """Trains one SparseAutoencoder on `{"activations": [N, d]}` batches.
+    """Trains one SparseAutoencoder (any architecture in `sae_lightning.sae`) on `{"activations": [N, d]}` batches.
+
+    `ghost_grads`: pass the dead-feature mask to the SAE's loss, which applies its own dead-feature method:
+    ghost grads for the standard SAE, AuxK for TopK, BatchTopK and Matryoshka (JumpReLU and Gated ignore it).
 
     The schedule arguments are in optimiser steps; `train.py` derives them from the config's `schedule`
     (in activations seen) for the run's batch size and number of devices.
@@ -241,20 +244,15 @@ class SAETrainingModule(LightningModule):
     def export_sae(self, directory, step: int | None = None) -> None:
         """Save the SAE for raw (unscaled) activations: a training-time scale s is folded into the weights.
 
-        The SAE trained on s*x computes f = ReLU((s x - b) W_enc + b_enc) and x_hat = (f W_dec + b)/s, which is
-        exactly the standard SAE with W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b / s on x.
+        The SAE trained on s*x computes its pre-activations from (s x - b) W_enc and x_hat = (f W_dec + b)/s,
+        which is exactly the same SAE with W_enc' = s W_enc, W_dec' = W_dec / s, b_dec' = b / s on x
+        (`SparseAutoencoder.rescaled`; thresholds and gates of every architecture are unchanged).
         """
         scale = float(self.activation_scale)
         sae = self.sae
         if scale != 1.0:
-            sae = SparseAutoencoder(self.sae.d_in, self.sae.d_sae, l1_coefficient=self.sae.l1_coefficient,
-                                    mse=self.sae.mse_kind, metadata={**self.sae.metadata, "activation_scale": scale,
-                                    "normalize_activations_during_training": self.hparams.normalize_activations})
-            with torch.no_grad():
-                sae.W_enc.copy_(self.sae.W_enc * scale)
-                sae.W_dec.copy_(self.sae.W_dec / scale)
-                sae.b_enc.copy_(self.sae.b_enc)
-                sae.b_dec.copy_(self.sae.b_dec / scale)
+            sae = self.sae.rescaled(scale, {"activation_scale": scale, "normalize_activations_during_training":
+                                            self.hparams.normalize_activations})
         sae.save(directory, step=step)
 
     def close_density_window(self) -> None:
@@ -285,6 +283,8 @@ class SAETrainingModule(LightningModule):
         }
         for metric in (self.explained_variance, self.explained_variance_uncentred, self.l0):
             metric.reset()
+        if hasattr(self.sae, "topk_threshold"):  # BatchTopK's inference threshold, as it will be exported
+            values["features/topk_threshold"] = self.sae.topk_threshold
         datamodule = getattr(self.trainer, "datamodule", None)
         for name in ("images_seen", "activations_seen", "samples_skipped"):
             if hasattr(datamodule, name):

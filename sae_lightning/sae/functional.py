@@ -93,3 +93,134 @@ def geometric_median(points: torch.Tensor, max_iter: int = 100, tol: float = 1e-
         if converged:
             break
     return median.to(points.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activation functions of the modern architectures (all keep the step free of host-device synchronisation)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def topk_activation(hidden_pre: torch.Tensor, k: int) -> torch.Tensor:
+    """TopK (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"): keep each row's k largest
+    pre-activations, ReLU them, zero the rest. hidden_pre [..., F] -> [..., F] with at most k non-zeros per row.
+    """
+    top = hidden_pre.topk(k, dim=-1)
+    return torch.zeros_like(hidden_pre).scatter(-1, top.indices, torch.relu(top.values))
+
+
+def batchtopk_activation(hidden_pre: torch.Tensor, k: float) -> torch.Tensor:
+    """BatchTopK (Bussmann, Leask & Nanda 2024, "BatchTopK Sparse Autoencoders"): keep the int(k * N) largest
+    ReLU'd pre-activations of the whole batch hidden_pre [N, F] (k per row on average, any number in one row).
+    """
+    acts = torch.relu(hidden_pre)
+    flat = acts.flatten()
+    top = flat.topk(min(int(k * hidden_pre.shape[0]), flat.numel()))
+    return torch.zeros_like(flat).scatter(-1, top.indices, top.values).reshape(acts.shape)
+
+
+def jumprelu_inference(hidden_pre: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """JumpReLU as SAELens computes it at inference: ReLU(z) * (z > threshold). [..., F], threshold [F] -> [..., F]."""
+    return torch.relu(hidden_pre) * (hidden_pre > threshold).to(hidden_pre.dtype)
+
+
+def rectangle(u: torch.Tensor) -> torch.Tensor:
+    """The rectangle kernel K(u) = 1 for -1/2 < u < 1/2, else 0 (Rajamanoharan et al. 2024, JumpReLU eq. 11)."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """JumpReLU(z; theta) = z H(z - theta) with straight-through threshold gradients (Rajamanoharan et al. 2024,
+    "Jumping Ahead: Improving Reconstruction Fidelity with JumpReLU Sparse Autoencoders", eq. 11).
+
+    Forward: z [N, F], theta [F] -> z * (z > theta). Backward: dz = H(z - theta) * g (the exact derivative away
+    from the jump); dtheta_i = sum_n -(theta_i / eps) K((z_ni - theta_i) / eps) g_ni, with K the rectangle
+    kernel of bandwidth eps (a pseudo-derivative: the true one is a Dirac delta).
+    """
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        dz = (z > theta).to(grad.dtype) * grad
+        dtheta = (-(theta / eps) * rectangle((z - theta) / eps) * grad).reshape(-1, theta.shape[-1]).sum(0)
+        return dz, dtheta, None
+
+
+class StepFunction(torch.autograd.Function):
+    """H(z - theta) (the L0 of JumpReLU) with the straight-through threshold gradient of Rajamanoharan et al. 2024
+    (eq. 12): dtheta_i = sum_n -(1 / eps) K((z_ni - theta_i) / eps) g_ni; no gradient to z.
+    z [N, F], theta [F] -> [N, F] of 0/1."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        dtheta = (-(1.0 / eps) * rectangle((z - theta) / eps) * grad).reshape(-1, theta.shape[-1]).sum(0)
+        return None, dtheta, None
+
+
+def jumprelu(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """JumpReLUFunction.apply: z [N, F], theta [F] -> [N, F]."""
+    return JumpReLUFunction.apply(z, theta, bandwidth)
+
+
+def step(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor:
+    """StepFunction.apply: z [N, F], theta [F] -> [N, F] of 0/1 (sum over F is the L0)."""
+    return StepFunction.apply(z, theta, bandwidth)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dead-feature losses: one signature, (x, x_hat, hidden_pre, W_dec, dead_mask, ...) -> scalar
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def auxk_loss(x: torch.Tensor, x_hat: torch.Tensor, hidden_pre: torch.Tensor, W_dec: torch.Tensor,
+              dead_mask: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """AuxK (Gao et al. 2024, section A.2 / appendix B.1): the k_aux largest pre-activations among the dead
+    features model the main reconstruction's residual.
+
+    x, x_hat [N, d]; hidden_pre [N, F]; W_dec [F, d]; dead_mask [F] bool; returns a scalar.
+    e = sg(x - x_hat); z_aux = TopK_{k_aux}(hidden_pre restricted to dead features) (raw pre-activations, as
+    SAELens does, so a dead feature with negative pre-activations still gets a gradient); e_hat = z_aux W_dec
+    (no b_dec: e has none); loss = min(n_dead / k_aux, 1) * mean_n ||e_n - e_hat_n||^2 (the scale, SAELens's,
+    keeps a handful of dead features from dominating). Dense and fixed-shape: with fewer than k_aux dead
+    features the extra picks are live features masked to -inf and contribute 0; with none the loss is 0;
+    no host-device synchronisation.
+    """
+    k_aux = min(int(k_aux), hidden_pre.shape[-1])
+    residual = (x - x_hat).detach()
+    masked = torch.where(dead_mask, hidden_pre, torch.full_like(hidden_pre, float("-inf")))
+    top = masked.topk(k_aux, dim=-1)
+    values = torch.where(torch.isfinite(top.values), top.values, torch.zeros_like(top.values))
+    z_aux = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
+    e_hat = z_aux @ W_dec
+    n_dead = dead_mask.sum().to(hidden_pre.dtype)
+    scale = (n_dead / k_aux).clamp(max=1.0)
+    return scale * (e_hat - residual).pow(2).sum(-1).mean()
+
+
+@torch.no_grad()
+def update_threshold_ema(threshold: torch.Tensor, feature_acts: torch.Tensor, lr: float) -> None:
+    """BatchTopK's inference threshold, in place: threshold <- (1 - lr) threshold + lr min_{f > 0} f over the batch
+    (SAELens's running estimate of the smallest kept activation). threshold [] ; feature_acts [N, F].
+
+    On the device with no host read: a batch with no positive activation, or a non-finite one, leaves it as is.
+    """
+    acts = feature_acts.detach().to(threshold.dtype)
+    positive = acts > 0
+    smallest = torch.where(positive, acts, torch.full_like(acts, float("inf"))).min()
+    ok = positive.any() & torch.isfinite(smallest)
+    updated = (1 - lr) * threshold + lr * torch.where(ok, smallest, threshold)
+    threshold.copy_(torch.where(ok, updated, threshold))

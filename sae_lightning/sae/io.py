@@ -41,9 +41,28 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
-WEIGHT_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")
+WEIGHT_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec")  # the standard (and topk) architecture's tensors
 LEFTOVER_SUFFIXES = (".tmp", ".old")  # siblings an interrupted save may leave: <dir>.tmp (ours), <dir>.old (older)
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the JSON header
+
+
+def tensor_shapes(architecture: str, d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
+    """The tensors SAELens's `architecture` saves, with their shapes; ValueError naming the known ones otherwise.
+
+    standard, topk: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in];
+    jumprelu: those and threshold [d_sae] (BatchTopK and Matryoshka BatchTopK are exported as jumprelu);
+    gated: W_enc, W_dec, b_dec, b_gate [d_sae], b_mag [d_sae], r_mag [d_sae] (no b_enc).
+    """
+    base = {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+    if architecture in ("standard", "topk"):
+        return base
+    if architecture == "jumprelu":
+        return {**base, "threshold": (d_sae,)}
+    if architecture == "gated":
+        return {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "b_gate": (d_sae,),
+                "b_mag": (d_sae,), "r_mag": (d_sae,)}
+    raise ValueError(f"architecture {architecture!r} is not supported; known: standard, topk, jumprelu, gated "
+                     f"(batchtopk and matryoshka_batchtopk SAEs are saved as jumprelu).")
 
 
 def saelens_config(sae: "SparseAutoencoder") -> dict[str, Any]:
@@ -60,7 +79,7 @@ def saelens_config(sae: "SparseAutoencoder") -> dict[str, Any]:
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "activation_fn_str": "relu",
+        "activation_fn_str": "topk" if sae.architecture == "topk" else "relu",
         "finetuning_scaling_factor": False,
         "model_name": meta.get("backbone", "unknown"),
         "hook_name": hook_name,
@@ -72,8 +91,7 @@ def saelens_config(sae: "SparseAutoencoder") -> dict[str, Any]:
         "dataset_trust_remote_code": False,
         "sae_lens_training_version": None,
         "model_from_pretrained_kwargs": {},
-        "l1_coefficient": sae.l1_coefficient,
-        "mse": sae.mse_kind,
+        **sae.config_fields(),
         "metadata": {"model_name": meta.get("backbone", "unknown"), "hook_name": hook_name, **meta,
                      "format_version": FORMAT_VERSION},
     }
@@ -147,8 +165,8 @@ def read_cfg(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def expected_shapes(d_in: int, d_sae: int) -> dict[str, tuple[int, ...]]:
-    return {"W_enc": (d_in, d_sae), "W_dec": (d_sae, d_in), "b_enc": (d_sae,), "b_dec": (d_in,)}
+def expected_shapes(d_in: int, d_sae: int, architecture: str = "standard") -> dict[str, tuple[int, ...]]:
+    return tensor_shapes(architecture, d_in, d_sae)
 
 
 def export_problem(directory: str | Path) -> str | None:
@@ -165,9 +183,10 @@ def export_problem(directory: str | Path) -> str | None:
     try:
         cfg = read_cfg(directory / CFG_FILENAME)
         header = inspect_safetensors(directory / WEIGHTS_FILENAME)
+        shapes = expected_shapes(cfg["d_in"], cfg["d_sae"], cfg.get("architecture", "standard"))
     except (OSError, ValueError) as err:
         return str(err)
-    for key, shape in expected_shapes(cfg["d_in"], cfg["d_sae"]).items():
+    for key, shape in shapes.items():
         found = tuple(header.get(key, {}).get("shape", ()))
         if found != shape:
             return f"{directory / WEIGHTS_FILENAME}: {key} has shape {found or 'nothing'}, cfg.json says {shape}"
@@ -233,7 +252,8 @@ def read_sae(directory: str | Path, device: str | torch.device | None = None, *,
              ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(cfg, tensors) from an SAE directory; clear errors for what is missing, corrupt, mis-shaped or non-finite.
 
-    Tensors: W_enc [d_in, d_sae], W_dec [d_sae, d_in], b_enc [d_sae], b_dec [d_in]. When the directory is
+    Tensors: those of cfg.json's `architecture` (`tensor_shapes`), e.g. W_enc [d_in, d_sae], W_dec [d_sae, d_in],
+    b_enc [d_sae], b_dec [d_in] for the standard SAE. When the directory is
     missing or incomplete and an interrupted save left a complete export beside it, the error names it and
     says how to recover it.
     """
@@ -247,8 +267,10 @@ def read_sae(directory: str | Path, device: str | torch.device | None = None, *,
             )
     try:
         cfg = read_cfg(cfg_path)
-        if cfg.get("architecture", "standard") != "standard":
-            raise ValueError(f"{directory}: architecture {cfg['architecture']!r} is not supported (only 'standard').")
+        try:
+            shapes = expected_shapes(cfg["d_in"], cfg["d_sae"], cfg.get("architecture", "standard"))
+        except ValueError as err:
+            raise ValueError(f"{directory}: {err}") from err
         inspect_safetensors(weights_path)
         try:
             tensors = load_file(str(weights_path), device=str(device) if device is not None else "cpu")
@@ -259,13 +281,14 @@ def read_sae(directory: str | Path, device: str | torch.device | None = None, *,
         if advice:
             raise ValueError(f"{err}{advice}") from err
         raise
-    missing = [k for k in WEIGHT_KEYS if k not in tensors]
+    missing = [k for k in shapes if k not in tensors]
     if missing:
-        raise KeyError(f"{weights_path} lacks {missing}; found {sorted(tensors)}.")
-    for key, shape in expected_shapes(cfg["d_in"], cfg["d_sae"]).items():
+        raise KeyError(f"{weights_path} lacks {missing} (architecture {cfg.get('architecture', 'standard')!r}); "
+                       f"found {sorted(tensors)}.")
+    for key, shape in shapes.items():
         if tuple(tensors[key].shape) != shape:
             raise ValueError(f"{weights_path}: {key} has shape {tuple(tensors[key].shape)}, cfg says {shape}.")
-    tensors = {k: tensors[k] for k in WEIGHT_KEYS}
+    tensors = {k: tensors[k] for k in shapes}
     if not allow_non_finite:
         check_finite(tensors, weights_path)
     return cfg, tensors
@@ -290,11 +313,11 @@ def _recover_leftover(directory: Path) -> None:
     log.warning("Recovered the complete SAE export %s left by an interrupted save as %s.", leftovers[0], directory)
 
 
-def _same_shapes(directory: Path, d_in: int, d_sae: int) -> bool:
+def _same_shapes(directory: Path, d_in: int, d_sae: int, architecture: str) -> bool:
     if export_problem(directory) is not None:
         return False
     cfg = read_cfg(directory / CFG_FILENAME)
-    return (cfg["d_in"], cfg["d_sae"]) == (d_in, d_sae)
+    return (cfg["d_in"], cfg["d_sae"], cfg.get("architecture", "standard")) == (d_in, d_sae, architecture)
 
 
 def _write_weights(tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
@@ -348,7 +371,7 @@ def save_sae(sae: "SparseAutoencoder", directory: str | Path, step: int | None =
     (full disk, ...) raises OSError with the checkpoint's advice and leaves the previous export as it was.
     """
     directory = Path(directory)
-    tensors = {k: getattr(sae, k).detach().to("cpu").contiguous() for k in WEIGHT_KEYS}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in sae.export_tensors().items()}
     metadata = {"format_version": str(FORMAT_VERSION)}
     if step is not None:
         metadata["step"] = str(int(step))
@@ -357,7 +380,8 @@ def save_sae(sae: "SparseAutoencoder", directory: str | Path, step: int | None =
     try:
         directory.parent.mkdir(parents=True, exist_ok=True)
         _recover_leftover(directory)
-        if _same_shapes(directory, sae.d_in, sae.d_sae):  # weights first: new weights + old cfg still load
+        # same shapes: weights first (new weights + old cfg still load)
+        if _same_shapes(directory, sae.d_in, sae.d_sae, sae.architecture):
             replace_file(directory / WEIGHTS_FILENAME, _write_weights(tensors, metadata))
             replace_file(directory / CFG_FILENAME, _write_text(cfg_text))
         else:

@@ -1,7 +1,14 @@
-"""The seed's SAE: untied ReLU encoder/decoder, L1 penalty, unit-norm decoder rows, ghost grads."""
+"""The seed's SAE: untied ReLU encoder/decoder, L1 penalty, unit-norm decoder rows, ghost grads.
+
+Every other architecture (topk.py, batchtopk.py, jumprelu.py, gated.py, matryoshka.py) subclasses it and
+overrides only what differs: `encode_pre`/`encode`, `loss`, and for other tensors `export_tensors`,
+`config_fields` and `from_config`. All keep the interface evaluation code uses: `encode(x)`, `decode(f)`,
+`sae(x)`, `W_enc` [d_in, d_sae], `W_dec` [d_sae, d_in], `d_in`, `d_sae`, `metadata`, `save`, `load`.
+"""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +22,12 @@ from sae_lightning.sae import io
 
 @dataclass
 class SAEOutput:
-    """Everything one forward of the loss produces (all losses are scalars)."""
+    """Everything one forward of the loss produces (all losses are scalars).
+
+    `l1`: the sparsity term as logged (the L1 of the activations; JumpReLU's L0, Gated's gate L1), whether or
+    not it is in `total`; `ghost`: the dead-feature (ghost grads, AuxK) or auxiliary (Gated) loss.
+    `hidden_pre` [N, F]: the pre-activations the dead-feature loss reads.
+    """
 
     total: torch.Tensor
     mse: torch.Tensor
@@ -29,7 +41,7 @@ class SAEOutput:
 class SparseAutoencoder(nn.Module):
     """f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec (SAELens's "standard" layout)."""
 
-    architecture = "standard"
+    architecture = "standard"  # the name cfg.json's `architecture` gets (SAELens's)
 
     def __init__(self, d_in: int, d_sae: int, *, l1_coefficient: float = 8e-5, mse: str = "normalised",
                  metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
@@ -77,6 +89,35 @@ class SparseAutoencoder(nn.Module):
         total = mse + self.l1_coefficient * l1 + ghost
         return SAEOutput(total, mse, l1, ghost, feature_acts, x_hat, hidden_pre)
 
+    def config_fields(self) -> dict[str, Any]:
+        """The architecture's own top-level cfg.json fields (its knobs)."""
+        return {"l1_coefficient": self.l1_coefficient, "mse": self.mse_kind}
+
+    def export_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors written to sae_weights.safetensors, by SAELens name (io.TENSOR_SHAPES[architecture])."""
+        return {k: getattr(self, k).detach() for k in io.tensor_shapes(self.architecture, 1, 1)}
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "SparseAutoencoder":
+        """The SAE a cfg.json and its tensors (io.read_sae) describe."""
+        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), l1_coefficient=float(cfg.get("l1_coefficient", 0.0)),
+                  mse=cfg.get("mse", "normalised"), metadata=cfg.get("metadata", {}), dtype=tensors["W_enc"].dtype)
+        sae.load_state_dict(tensors)
+        return sae
+
+    @torch.no_grad()
+    def rescaled(self, scale: float, metadata: dict[str, Any] | None = None) -> "SparseAutoencoder":
+        """A copy for raw activations x of this SAE trained on s*x: W_enc' = s W_enc, W_dec' = W_dec / s,
+        b_dec' = b_dec / s. Then (x - b_dec') W_enc' = (s x - b_dec) W_enc, so every pre-activation (and with it
+        every architecture's activations, thresholds, gates) is unchanged and x_hat' = x_hat / s.
+        """
+        sae = copy.deepcopy(self)
+        sae.metadata.update(metadata or {})
+        sae.W_enc.mul_(scale)
+        sae.W_dec.div_(scale)
+        sae.b_dec.div_(scale)
+        return sae
+
     def config(self) -> dict[str, Any]:
         """The cfg.json contents (SAELens fields plus this project's metadata)."""
         return io.saelens_config(self)
@@ -90,10 +131,10 @@ class SparseAutoencoder(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> "SparseAutoencoder":
-        """Load an SAE saved here or by SAELens (standard architecture)."""
+        """Load an SAE saved here or by SAELens, of any architecture listed in `sae_lightning.sae.ARCHITECTURES`
+        (the class is chosen by cfg.json's `architecture`, whichever class this is called on)."""
+        from sae_lightning.sae import ARCHITECTURES
+
         cfg, tensors = io.read_sae(directory, device=device)
-        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), l1_coefficient=float(cfg.get("l1_coefficient", 0.0)),
-                  mse=cfg.get("mse", "normalised"), metadata=cfg.get("metadata", {}),
-                  dtype=tensors["W_enc"].dtype)
-        sae.load_state_dict(tensors)
+        sae = ARCHITECTURES[cfg.get("architecture", "standard")].from_config(cfg, tensors)
         return sae.to(device) if device is not None else sae
