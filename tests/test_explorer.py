@@ -407,36 +407,44 @@ def test_served_app_in_headless_chromium(explored, demo_run):
             assert im.format == "PNG" and im.size[0] > 600
 
 
-@pytest.mark.slow
-@torch.no_grad()
-def test_bundle_for_a_patch_run_uses_the_max_over_tokens(tmp_path, tiny_shards):
-    """A hand-made evaluation (2 top images per feature) of a random SAE on patch tokens: the game set's
-    sparse activations are the max over each image's patches, the histograms count every patch."""
+def _hand_made_evaluation(tmp_path, shards, backbone, n_top_images: int, n_f: int = 24):
+    """features.safetensors/json of a made-up evaluation whose top images are the first n_top_images images
+    of the held-out shards (2 per feature); returns (eval dir, the shards' keys in order, their images)."""
     from safetensors.torch import save_file
 
-    from sae_lightning.backbone import load_tiny_backbone
-
-    backbone = load_tiny_backbone(tmp_path / "tiny.pt")
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(backbone.width, 24)
-    shards = expand_shards(tiny_shards[1])
-    batch = next(iter(image_batches(shards, backbone.preprocess, 64, shuffle=0, shardshuffle=False)))
+    batch = next(iter(image_batches(shards, backbone.preprocess, 128, shuffle=0, shardshuffle=False,
+                                    partial=True)))
     keys = batch["keys"]
-    n_f = 24
-    top = torch.stack([torch.arange(n_f) % 10, torch.arange(n_f) % 10 + 10], 1)  # images 0..19 are top images
+    half = n_top_images // 2
+    top = torch.stack([torch.arange(n_f) % half, torch.arange(n_f) % (n_top_images - half) + half], 1)
     ev = tmp_path / "eval"
     ev.mkdir()
     save_file({"density": torch.full((n_f,), 0.5), "mean_top_activation": torch.ones(n_f),
                "label_entropy": torch.zeros(n_f), "top_values": torch.ones(n_f, 2), "top_indices": top,
                "top_labels": torch.zeros(n_f, 2, dtype=torch.long)}, str(ev / "features.safetensors"))
     (ev / "features.json").write_text(json.dumps({"n_features": n_f, "classnames": None,
-                                                  "image_keys": {str(i): keys[i] for i in range(20)}}))
+                                                  "image_keys": {str(i): keys[i] for i in range(n_top_images)}}))
+    return ev, keys, batch["images"]
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_bundle_for_a_patch_run_uses_the_max_over_tokens(tmp_path, tiny_shards):
+    """A hand-made evaluation (2 top images per feature) of a random SAE on patch tokens: the game set's
+    sparse activations are the max over each image's patches, the histograms count every patch."""
+    from sae_lightning.backbone import load_tiny_backbone
+
+    backbone = load_tiny_backbone(tmp_path / "tiny.pt")
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(backbone.width, 24)
+    shards = expand_shards(tiny_shards[1])
+    ev, keys, images = _hand_made_evaluation(tmp_path, shards, backbone, 20)
     layer = 1
     write_explorer_bundle(ev, sae, backbone, layer=layer, tokens="patches", shards=shards, n_game=10,
                           n_hist_images=30, batch_size=16)
     b = Bundle(ev)
     assert b.game_keys == keys[20:30]  # the first 10 images that are no top image
-    acts = sae.encode(select_tokens(backbone.residual(batch["images"][:30], layer), "patches"))  # [30, T-1, F]
+    acts = sae.encode(select_tokens(backbone.residual(images[:30], layer), "patches"))  # [30, T-1, F]
     for i in range(10):
         feats, vals = b.game_activations(i)
         ref = acts[20 + i].amax(0)
@@ -445,3 +453,22 @@ def test_bundle_for_a_patch_run_uses_the_max_over_tokens(tmp_path, tiny_shards):
     assert np.array_equal(b.arrays["hist_counts"].sum(1), (acts > 0).sum((0, 1)).numpy())
     assert b.info["hist_n_tokens"] == 30 * (backbone.n_tokens - 1)
     assert len(b.thumbs.get_many(keys[:30])) == 30
+
+
+@pytest.mark.slow
+def test_too_few_game_images_leave_the_game_undefined_not_a_crash(tmp_path, tiny_shards, monkeypatch):
+    from streamlit.testing.v1 import AppTest
+
+    from sae_lightning.backbone import load_tiny_backbone
+
+    backbone = load_tiny_backbone(tmp_path / "tiny.pt")
+    sae = SparseAutoencoder(backbone.width, 24)
+    shards = expand_shards(tiny_shards[1])
+    ev, keys, _ = _hand_made_evaluation(tmp_path, shards, backbone, 123)  # of 128 images: 5 are left
+    result = write_explorer_bundle(ev, sae, backbone, layer=1, tokens="cls", shards=shards, n_game=1000)
+    assert Bundle(ev).game_keys == keys[123:] and len(keys) == 128
+    assert result["accuracy"] is None and result["n_rounds"] == 0
+    monkeypatch.setenv("SAE_EXPLORER_EVAL_DIR", str(ev))
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    at.sidebar.radio(key="page").set_value("Guess the image").run()
+    assert not at.exception and "a round needs 8" in at.warning[0].value

@@ -276,6 +276,10 @@ def page_game(b: Bundle, ed: str) -> None:
     st.title("Guess the image")
     st.caption(f"One held-out image is hidden. You see its SAE activations and its top-{N_TOP} features; "
                f"pick it among {N_CANDIDATES} candidates (chance {1 / N_CANDIDATES:.1%}).")
+    if len(b.game_keys) < N_CANDIDATES:
+        st.warning(f"The bundle holds {len(b.game_keys)} game images; a round needs {N_CANDIDATES}. Evaluate on "
+                   f"held-out shards with more images than top images.")
+        return
     if "round" not in st.session_state:
         new_round()
     r = st.session_state.round

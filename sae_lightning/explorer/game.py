@@ -11,9 +11,12 @@ unbalanced. Rounds whose image fired no feature with top images are not played (
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 N_CANDIDATES = 8
 N_TOP = 5
@@ -102,8 +105,10 @@ def game_metric(eval_dir: str | Path, seed: int = 0, n_top: int = N_TOP,
     feature_emb = feature_embeddings(wanted, [[k for k, _, _ in g] for g in grids],
                                      [[v for _, v, _ in g] for g in grids], embedding_of)
     pool = [f for f in bundle.info["baseline_features"] if f in feature_emb]
-    if len(pool) < n_top:
-        raise ValueError(f"only {len(pool)} baseline features with embedded top images: cannot draw {n_top}")
+    if n < n_candidates or len(pool) < n_top:
+        log.warning("the guessing game is undefined: %d game images (need %d) and %d baseline features with "
+                    "top images (need %d)", n, n_candidates, len(pool), n_top)
+        return {"accuracy": None, "baseline_accuracy": None, "n_rounds": 0, "chance": 1 / n_candidates}
     game_emb = emb["game_embeddings"].astype(np.float32)
     game_emb = game_emb / np.linalg.norm(game_emb, axis=1, keepdims=True).clip(1e-12)
     result = play(top_features, feature_emb, game_emb, candidate_sets(n, seed, n_candidates), pool, seed)
