@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: install demo test test-fast lint tensorboard bench clean
+.PHONY: install demo explore visualise test test-fast lint tensorboard bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ demo: $(STAMP)  ## train the demo SAE offline on CPU (a fresh outputs/demo each 
 	rm -rf outputs/demo
 	$(PY) train.py experiment=demo hydra.run.dir=outputs/demo
 	$(PY) evaluate.py run=outputs/demo num_workers=2
+
+explore: $(STAMP)  ## the SAE Explorer on the demo run (after make demo): http://localhost:8501
+	$(PY) -m sae_lightning.explorer run=outputs/demo
+
+visualise: $(STAMP)  ## optimised images for 8 random live features of the demo run -> outputs/demo/eval/visualisations
+	$(PY) visualise.py run=outputs/demo random_features=8
 
 test: $(STAMP)  ## the whole suite, end-to-end runs included
 	$(PY) -m pytest -q
