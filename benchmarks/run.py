@@ -16,11 +16,11 @@ import time
 import warnings
 from pathlib import Path
 
-from benchmarks import gpu, memory, pipeline, planted_recovery, sae_step
+from benchmarks import explorer, gpu, memory, pipeline, planted_recovery, precision, sae_step
 from benchmarks.report import ROOT, Section, machine, render
 
 CPU_PARTS = {"planted": planted_recovery.run, "sae_step": sae_step.run, "pipeline": pipeline.run,
-             "memory": memory.run}
+             "memory": memory.run, "precision": precision.run, "explorer": explorer.run}
 PARTS = [*CPU_PARTS, "gpu"]
 
 
