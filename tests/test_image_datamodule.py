@@ -59,7 +59,7 @@ def backbone(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("shards"), n_shards=6, per_shard=5)
+    return write_shards(tmp_path_factory.mktemp("shards"), n_shards=4, per_shard=4)
 
 
 def datamodule(backbone, shards, **kwargs) -> ImageActivationDataModule:
@@ -91,14 +91,14 @@ def test_more_tokens_per_image_than_the_batch_keeps_whole_images(backbone, shard
     """17 tokens per image, SAE batches of 8: nothing is dropped, counters are exact, batches are 0 or 8."""
     dm = datamodule(backbone, shards)
     batches, keys = run_pass(dm)
-    assert dm.images_seen == len(keys) == 30  # every image of the 6 x 5, none left in a partial batch
-    assert dm.activations_seen == 17 * 30
+    assert dm.images_seen == len(keys) == 16  # every image of the 4 x 4, none left in a partial batch
+    assert dm.activations_seen == 17 * 16
     sizes = [b["activations"].shape[0] for b in batches]
     assert set(sizes) <= {0, 8}
     served = sum(sizes)
     assert served + dm.buffer.n_held == dm.activations_seen  # the surplus is held, not dropped
     assert dm.buffer.n_pending < 8 + 17
-    assert served == 8 * ((17 * 30 - 40) // 8) - 8 * (dm.buffer.n_pending // 8)
+    assert served == 8 * ((17 * 16 - 40) // 8) - 8 * (dm.buffer.n_pending // 8)
 
 
 @pytest.mark.slow
@@ -195,7 +195,7 @@ def test_data_that_yields_no_image_stops_the_run(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_resumed_pass_reads_exactly_the_remaining_images(backbone, tmp_path, num_workers):
     """Consume part of a pass, save the state, rebuild: the resumed pass reads every other image exactly once."""
     shards = write_shards(tmp_path / "s", n_shards=8, per_shard=3)
@@ -226,3 +226,35 @@ def test_resumed_pass_reads_exactly_the_remaining_images(backbone, tmp_path, num
     assert resumed.state_dict()["data_position"]["in_flight"] == {}
     _, keys_next = run_pass(resumed, loader)  # the next pass reads everything again
     assert sorted(keys_next) == sorted(every_key)
+
+
+class RecordingDataModule(ImageActivationDataModule):
+    """Records the keys of the images that reach the backbone."""
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        self.__dict__.setdefault("keys_read", []).extend(batch["keys"])
+        return super().on_before_batch_transfer(batch, dataloader_idx)
+
+
+@pytest.mark.slow
+def test_resume_through_a_lightning_checkpoint_continues_the_pass(backbone, tmp_path):
+    shards = write_shards(tmp_path / "s", n_shards=6, per_shard=4)
+    every_key = {f"s-{s:06d}.tar/s{s}_{i:04d}" for s in range(6) for i in range(4)}
+
+    def fit(max_steps: int, ckpt_path=None) -> RecordingDataModule:
+        dm = RecordingDataModule(backbone, shards, classnames=None, layer=1, tokens="cls", sae_batch_size=1,
+                                 buffer_size=2, num_workers=0, shuffle=4, pin_memory=False)
+        module = SAETrainingModule(SparseAutoencoder(backbone.width, 128), b_dec_init="mean")
+        checkpoints = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=9,
+                                                          save_last=True)
+        trainer = L.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False,
+                            callbacks=[checkpoints], enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return dm
+
+    first = fit(9)  # 2 images fill the buffer, 9 steps: 11 images of 24 reached the backbone
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["RecordingDataModule"]
+    assert saved["images_seen"] == len(first.keys_read) == 11 and saved["data_position"]["version"] == 1
+    resumed = fit(9 + 11, tmp_path / "ckpt" / "last.ckpt")  # 2 to refill + 11 steps: the 13 images left
+    assert not set(first.keys_read) & set(resumed.keys_read)
+    assert set(first.keys_read) | set(resumed.keys_read) == every_key
