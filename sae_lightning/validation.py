@@ -182,6 +182,8 @@ def validate_eval_config(cfg: DictConfig) -> None:
     for key, low in (("max_tokens", 1), ("n_grid_features", 0), ("num_workers", 0)):
         if key in cfg and cfg.get(key) is not None:
             p.int_at_least(key, cfg.get(key), low)
+    if cfg.get("explorer", False):
+        p.int_at_least("n_game", cfg.get("n_game"), 8, " (the guessing game shows 8 candidates)")
     features = cfg.get("features")
     if features is not None and (not isinstance(features, (list, ListConfig))
                                  or not all(_is_int(f) and f >= 0 for f in features)):

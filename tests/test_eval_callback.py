@@ -72,10 +72,16 @@ def test_logs_the_three_losses_every_n_steps(backbone, tiny_shards):
     module, logger = _fit(backbone, val, DEMO_CLASSNAMES, callback)
     records = [(s, m) for s, m in logger.records if any(k.startswith("contrastive/") for k in m)]
     assert [s for s, _ in records] == [2, 4]
-    last = records[-1][1]
-    assert set(last) == {"contrastive/loss_original", "contrastive/loss_sae", "contrastive/loss_ablated",
-                         "contrastive/score", "contrastive/zero_shot_original", "contrastive/zero_shot_sae",
-                         "contrastive/zero_shot_ablated"}
+    first, last = records[0][1], dict(records[-1][1])
+    # the frozen model's losses are constants: logged once, with the batch size they depend on
+    assert set(first) == {"contrastive/loss_original", "contrastive/loss_sae", "contrastive/loss_ablated",
+                          "contrastive/score", "contrastive/zero_shot_original", "contrastive/zero_shot_sae",
+                          "contrastive/zero_shot_ablated", "contrastive/zero_shot_kl_sae",
+                          "contrastive/zero_shot_kl_ablated", "contrastive/batch_size", "contrastive/n_images"}
+    assert first["contrastive/batch_size"] == 4 and first["contrastive/n_images"] == 8
+    assert set(last) == {"contrastive/loss_sae", "contrastive/score", "contrastive/zero_shot_sae",
+                         "contrastive/zero_shot_kl_sae"}
+    last |= {k: v for k, v in first.items() if k.endswith(("_original", "_ablated"))}
     # the cached original/ablated branches equal a from-scratch evaluation of the final SAE
     images, labels = callback._held_out_batch(val)
     text = class_text_features(backbone, DEMO_CLASSNAMES)

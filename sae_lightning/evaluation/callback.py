@@ -105,7 +105,8 @@ class ContrastiveEvalCallback(Callback):
                 acc.update(dict(fixed, sae=self.backbone.forward_from(spliced, self.layer)), labels)
         finally:
             sae.train(was_training)
-        return acc.compute()
+        values = acc.compute_all()
+        return {k: v for k, v in values.items() if k not in ("contrastive_batches", "contrastive_unlabelled_images")}
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs, batch, batch_idx: int
                            ) -> None:

@@ -138,10 +138,32 @@ def write_tensorboard(ev: Evaluation, directory: Path) -> None:
             writer.add_scalar(key, value, 0)
 
 
+def write_explorer(ev: Evaluation, directory: Path) -> None:
+    """explorer/: the SAE Explorer's data (docs/explorer.md), and the guessing game's machine-player accuracy
+    added to the metrics (so it must run before write_metrics and write_report)."""
+    cfg = ev.inputs.cfg
+    if not cfg.get("explorer", True):
+        return
+    from sae_lightning.explorer.bundle import write_explorer_bundle
+    from sae_lightning.explorer.game import metrics_entries
+
+    i = ev.inputs
+    game = write_explorer_bundle(directory, i.sae, i.backbone, layer=i.layer, tokens=i.tokens, shards=i.urls,
+                                 n_game=int(cfg.get("n_game", 1000)), device=i.device, batch_size=int(cfg.batch_size),
+                                 seed=int(cfg.seed))
+    ev.metrics |= metrics_entries(game)
+    if game.get("accuracy") is not None:
+        ev.notes.append(
+            f"Guess the image (machine player): from an image's top-5 features alone it picks the image among 8 "
+            f"candidates {100 * game['accuracy']:.1f}% of the time over {game['n_rounds']} rounds, against "
+            f"{100 * game['baseline_accuracy']:.1f}% with 5 random live features (chance 12.5%).")
+
+
 WRITERS: tuple[Callable[[Evaluation, Path], None], ...] = (
     write_config,
-    write_metrics,
     write_feature_table,
+    write_explorer,
+    write_metrics,
     write_plots,
     write_report,
     write_tensorboard,
