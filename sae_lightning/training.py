@@ -231,17 +231,31 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None) ->
     return loggers
 
 
-def quiet_lightning() -> None:
-    """Keep Lightning's start-up chatter (accelerator lines, tips, "max_steps reached") out of the console;
-    its warnings still show."""
+class _QuietOpenClip(logging.Filter):
+    """open_clip logs on the root logger: drop its INFO chatter (model config, tokenizer, preprocessing), and
+    its "No pretrained weights loaded" warning, which is wrong for local files (our loader loads them after
+    open_clip builds the model, and fails loudly if it cannot)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "open_clip" not in record.pathname:
+            return True
+        return record.levelno >= logging.WARNING and "No pretrained weights loaded" not in record.getMessage()
+
+
+def quiet_console() -> None:
+    """Keep Lightning's start-up chatter (accelerator lines, tips, "max_steps reached") and open_clip's INFO
+    lines out of the console; warnings that matter still show."""
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
                  "lightning.fabric.utilities.seed", "lightning.pytorch.callbacks.model_summary"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    root = logging.getLogger()
+    if not any(isinstance(f, _QuietOpenClip) for f in root.filters):
+        root.addFilter(_QuietOpenClip())
 
 
 def train(cfg: DictConfig) -> Path:
     """Train one SAE as `cfg` says; returns the run directory."""
-    quiet_lightning()
+    quiet_console()
     validate_train_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt = resolve_checkpoint(cfg, output_dir)

@@ -170,6 +170,11 @@ def validate_train_config(cfg: DictConfig) -> None:
               "must be true with several processes (trainer=ddp, devices or num_nodes > 1): every rank then draws "
               "shards with replacement; without it ranks run out of shards at different times and the job aborts. "
               "Add data.resampled=true")
+    chunk = _get(cfg, "data.chunk_size", None)
+    if (not has_backbone and is_multi_process(cfg.get("trainer")) and chunk is not None
+            and _is_int(chunk) and _is_int(cfg.get("sae_batch_size")) and chunk > cfg.get("sae_batch_size")):
+        p.add("data.chunk_size", chunk, "must be at most sae_batch_size with several processes: larger chunks "
+              "reach the ranks unevenly. Leave it null (= sae_batch_size)")
     p.raise_if_any()
 
 

@@ -130,3 +130,10 @@ def test_eval_rules(override, expected):
 def test_eval_problems_are_listed_together():
     with pytest.raises(ValueError, match=r"\(3 problems\)"):
         validate_eval_config(compose_eval(["run=/r", "n_images=0", "batch_size=0", "top_k=0"]))
+
+
+def test_stored_activations_with_large_chunks_under_ddp_are_refused():
+    cfg = compose_config(["experiment=planted", "trainer.devices=2", "data.chunk_size=512"])
+    with pytest.raises(ValueError, match="data.chunk_size"):
+        validate_train_config(cfg)
+    validate_train_config(compose_config(["experiment=planted", "trainer.devices=2"]))

@@ -67,6 +67,12 @@ METRIC_GROUPS: dict[str, list[tuple[str, str, Any]]] = {
         ("alignment_baseline_mean_max_cosine", "the same for the random vectors", None),
         ("alignment_mean_aligned_neurons", "mean number of neurons each feature is aligned to", None),
     ],
+    "Guess the image": [
+        ("game_machine_accuracy", "a machine player picks the held-out image among 8 candidates from its top-5 "
+         "features' top images alone (chance 12.5%)", None),
+        ("game_baseline_accuracy", "the same player given 5 random live features instead", None),
+        ("game_rounds", "rounds played (one per game image)", None),
+    ],
     "Sizes": [
         ("n_images", "images evaluated", 524288),
         ("n_tokens", "hooked tokens the SAE saw", None),
@@ -77,7 +83,7 @@ METRIC_GROUPS: dict[str, list[tuple[str, str, Any]]] = {
 }
 PERCENT = {"explained_variance_uncentred", "explained_variance", "zero_shot_accuracy_original",
            "zero_shot_accuracy_sae", "zero_shot_accuracy_ablated", "cluster_fraction",
-           "alignment_fraction_aligned"}
+           "alignment_fraction_aligned", "game_machine_accuracy", "game_baseline_accuracy"}
 
 
 def _fmt(key: str, value: Any) -> str:
