@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from sae_lightning.data.activations import ActivationsDataModule
 from sae_lightning.metrics import L0, ExplainedVariance, ExplainedVarianceUncentred
 from sae_lightning.module import SAETrainingModule
-from sae_lightning.sae import SparseAutoencoder
+from sae_lightning.sae import TRAINING_ARCHITECTURES, SparseAutoencoder
 
 VARIANTS = ("default", "vit")
 PLANTED_FILE = "planted.safetensors"
@@ -182,10 +182,23 @@ class PlantedRun:
     dead_feature_window: int = 64
     b_dec_init: str = "geometric_median"
     seed: int = 0
+    sae: str = "standard"  # a key of sae_lightning.sae.TRAINING_ARCHITECTURES
+    sae_kwargs: dict | None = None  # that architecture's knobs (k, l0_coefficient, ...), e.g. {"k": 8}
 
     def generator(self) -> PlantedFeatures:
         return PlantedFeatures.create(self.d, self.n_features, self.active, self.frequency_ratio, self.variant,
                                       seed=self.seed)
+
+    def build_sae(self) -> SparseAutoencoder:
+        """The SAE this run trains: `l1_coefficient` and `mse` go to the architectures that have them (standard,
+        gated) unless `sae_kwargs` sets them; the others' knobs come from `sae_kwargs`."""
+        if self.sae not in TRAINING_ARCHITECTURES:
+            raise ValueError(f"sae must be one of {sorted(TRAINING_ARCHITECTURES)}, got {self.sae!r}")
+        kwargs = dict(self.sae_kwargs or {})
+        if self.sae in ("standard", "gated"):
+            kwargs = {"l1_coefficient": self.l1_coefficient, "mse": self.mse, **kwargs}
+        return TRAINING_ARCHITECTURES[self.sae](self.d, self.expansion * self.d, **kwargs,
+                                                metadata={"dataset": f"planted:{self.variant}", **asdict(self)})
 
 
 def train_planted(run: PlantedRun, out_dir: str | Path | None = None) -> tuple[SparseAutoencoder, dict[str, float]]:
@@ -197,8 +210,7 @@ def train_planted(run: PlantedRun, out_dir: str | Path | None = None) -> tuple[S
     planted = run.generator()
     train_x = planted.sample(run.n_train, torch.Generator().manual_seed(run.seed + 1))
     torch.manual_seed(run.seed)
-    sae = SparseAutoencoder(run.d, run.expansion * run.d, l1_coefficient=run.l1_coefficient, mse=run.mse,
-                            metadata={"dataset": f"planted:{run.variant}", **asdict(run)})
+    sae = run.build_sae()
     module = SAETrainingModule(sae, lr=run.lr, lr_warmup_steps=run.lr_warmup_steps, ghost_grads=run.ghost_grads,
                                dead_feature_window=run.dead_feature_window, feature_sampling_window=run.steps,
                                b_dec_init=run.b_dec_init)
@@ -209,12 +221,14 @@ def train_planted(run: PlantedRun, out_dir: str | Path | None = None) -> tuple[S
                         num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)
     held_out = eval_metadata(run.seed, run.n_eval)
-    scores = score(sae, planted, eval_data(planted, held_out))
-    if out_dir is not None:
-        out = Path(out_dir)
-        sae.save(out / SAE_DIR)
-        planted.save(out / PLANTED_FILE, metadata={"run": json.dumps(asdict(run)), **held_out})
-        (out / SCORES_FILE).write_text(json.dumps(scores, indent=2))
+    sae.eval()
+    if out_dir is None:
+        return sae, score(sae, planted, eval_data(planted, held_out))
+    out = Path(out_dir)
+    module.export_sae(out / SAE_DIR)
+    planted.save(out / PLANTED_FILE, metadata={"run": json.dumps(asdict(run)), **held_out})
+    scores = score_exported(out)  # the export's scores (what `python -m sae_lightning.planted` recomputes)
+    (out / SCORES_FILE).write_text(json.dumps(scores, indent=2))
     return sae, scores
 
 

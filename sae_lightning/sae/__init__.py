@@ -19,5 +19,15 @@ ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
     "gated": GatedSAE,
 }
 
-__all__ = ["ARCHITECTURES", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE", "MatryoshkaBatchTopKSAE", "SAEOutput",
-           "SparseAutoencoder", "TopKSAE"]
+# `sae=<name>` (conf/sae/<name>.yaml): what trains, by name
+TRAINING_ARCHITECTURES: dict[str, type[SparseAutoencoder]] = {
+    "standard": SparseAutoencoder,
+    "topk": TopKSAE,
+    "batchtopk": BatchTopKSAE,
+    "jumprelu": JumpReLUSAE,
+    "gated": GatedSAE,
+    "matryoshka_batchtopk": MatryoshkaBatchTopKSAE,
+}
+
+__all__ = ["ARCHITECTURES", "TRAINING_ARCHITECTURES", "BatchTopKSAE", "GatedSAE", "JumpReLUSAE",
+           "MatryoshkaBatchTopKSAE", "SAEOutput", "SparseAutoencoder", "TopKSAE"]
