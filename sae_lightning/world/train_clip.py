@@ -44,9 +44,9 @@ class TinyClipConfig:
 
     model_name: str = TINY_CLIP_NAME
     image_size: int = 64
-    n_train: int = 16384
+    n_train: int = 12288
     n_captions: int = 3
-    steps: int = 1000
+    steps: int = 400
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -154,12 +154,16 @@ def ensure_tiny_clip(path: str | Path, config: TinyClipConfig | None = None) -> 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train (or reuse) the tiny CLIP on scene captions.")
     parser.add_argument("--out", default="data/demo/tiny-clip.pt", help="checkpoint path")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 is faster on a CPU that other jobs share; not part of the config)")
     defaults = TinyClipConfig()
     for field in dataclasses.fields(TinyClipConfig):
         if field.name != "model_name":
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
                                 default=getattr(defaults, field.name))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     config = TinyClipConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TinyClipConfig)
                                if f.name != "model_name"})
