@@ -54,13 +54,17 @@ class SAETrainingModule(LightningModule):
     `divergence_explained_variance`: a logged step whose centred explained variance is below this value
     (a reconstruction error more than 1 - value times the variance of the inputs) stops the run.
     `compile`: run the SAE's loss through torch.compile.
+    `resample_dead`: at the end of every density window, re-initialise the features that never fired in it
+    (Anthropic-style resampling, `functional.resample_dead_features`, on the latest batch), resetting their
+    per-feature biases and Adam moments. An option beside ghost grads / AuxK, off by default.
     """
 
     def __init__(self, sae: SparseAutoencoder, lr: float = 4e-4, lr_warmup_steps: int = 500,
                  adam_betas: tuple[float, float] = (0.9, 0.999), ghost_grads: bool = True,
                  dead_feature_window: int = 64, feature_sampling_window: int = 500,
                  b_dec_init: str = "geometric_median", normalize_activations: str = "none",
-                 divergence_explained_variance: float = -1000.0, compile: bool = False):
+                 divergence_explained_variance: float = -1000.0, compile: bool = False,
+                 resample_dead: bool = False):
         super().__init__()
         if b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {b_dec_init!r}")
@@ -260,7 +264,40 @@ class SAETrainingModule(LightningModule):
         density = self.window_density.compute()
         self.window_density.reset()
         self.density_ready = density
+        if self.hparams.resample_dead and self._last_batch is not None:
+            self.resample(density == 0)
         self.log_scalars({f"features/{k}": v for k, v in density_counts(density).items()})
+
+    # per-feature parameters re-initialised with a resampled feature: encoder biases and gates to 0
+    RESAMPLED_BIASES = ("b_enc", "b_gate", "b_mag", "r_mag")
+
+    @torch.no_grad()
+    def resample(self, dead: torch.Tensor) -> None:
+        """Re-initialise the features in `dead` [F] from the latest batch; zero their biases and Adam moments."""
+        sae, x = self.sae, self._last_batch
+        dead = self._from_rank_zero(dead.to(torch.uint8)).bool()
+        F_sae.resample_dead_features(x, sae(x), sae.b_dec, sae.W_enc, sae.W_dec, dead)
+        self._from_rank_zero_params(("W_enc", "W_dec"))
+        for name in self.RESAMPLED_BIASES:
+            if isinstance(getattr(sae, name, None), torch.Tensor):
+                getattr(sae, name).masked_fill_(dead, 0.0)
+        optimizer = self.optimizers()
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        for name, param in sae.named_parameters():
+            mask = {"W_enc": dead[None, :], "W_dec": dead[:, None]}.get(name, dead if param.shape == dead.shape
+                                                                          else None)
+            state = optimizer.state.get(param, {})
+            if mask is None:
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key].masked_fill_(mask, 0.0)
+
+    def _from_rank_zero_params(self, names: tuple[str, ...]) -> None:
+        """Under DDP, the resampled weights of rank 0 on every rank (resampling drew from each rank's batch)."""
+        if self._distributed():
+            for name in names:
+                dist.broadcast(getattr(self.sae, name).data, src=0)
 
     @torch.no_grad()
     def log_step(self, x: torch.Tensor, out: Any) -> None:

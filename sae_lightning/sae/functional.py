@@ -224,3 +224,29 @@ def update_threshold_ema(threshold: torch.Tensor, feature_acts: torch.Tensor, lr
     ok = positive.any() & torch.isfinite(smallest)
     updated = (1 - lr) * threshold + lr * torch.where(ok, smallest, threshold)
     threshold.copy_(torch.where(ok, updated, threshold))
+
+
+@torch.no_grad()
+def resample_dead_features(x: torch.Tensor, x_hat: torch.Tensor, b_dec: torch.Tensor, W_enc: torch.Tensor,
+                           W_dec: torch.Tensor, dead: torch.Tensor, generator: torch.Generator | None = None,
+                           encoder_scale: float = 0.2) -> torch.Tensor:
+    """Anthropic-style resampling ("Towards Monosemanticity", 2023, and its April 2023 update), in place.
+
+    x, x_hat [N, d]; b_dec [d]; W_enc [d, F]; W_dec [F, d]; dead [F] bool. Each dead feature gets an input
+    drawn with probability proportional to its squared reconstruction error ||x_n - x_hat_n||^2; its decoder
+    row becomes that input (minus b_dec) at unit norm, its encoder column the same direction times
+    `encoder_scale` times the mean norm of the live features' encoder columns. Returns the indices [F] of the
+    inputs drawn (one per feature, used only where `dead`). Dense and on the device: no host read.
+    """
+    loss = (x - x_hat).pow(2).sum(-1)
+    weights = torch.where(loss.sum() > 0, loss, torch.ones_like(loss))
+    drawn = torch.multinomial(weights, dead.shape[0], replacement=True, generator=generator)
+    directions = x[drawn] - b_dec
+    directions = directions / directions.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    live = ~dead
+    enc_norms = W_enc.norm(dim=0)
+    live_norm = torch.where(live.any(), (enc_norms * live).sum() / live.sum().clamp_min(1), torch.ones_like(
+        enc_norms[0]))
+    W_dec.copy_(torch.where(dead[:, None], directions, W_dec))
+    W_enc.copy_(torch.where(dead[None, :], directions.T * encoder_scale * live_norm, W_enc))
+    return drawn

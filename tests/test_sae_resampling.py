@@ -1,0 +1,60 @@
+"""Anthropic-style resampling of dead features: the math on a hand-built case, and through the real module
+and Trainer (features forced dead are revived, live ones untouched, their Adam moments reset)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+
+from sae_lightning.data.activations import ActivationsDataModule
+from sae_lightning.module import SAETrainingModule
+from sae_lightning.planted import PlantedFeatures
+from sae_lightning.sae import GatedSAE, SparseAutoencoder, TopKSAE
+from sae_lightning.sae import functional as F_sae
+
+
+def test_resampling_by_hand():
+    x = torch.tensor([[1.0, 0.0, 0.0], [0.0, 3.0, 4.0], [2.0, 2.0, 1.0]])
+    x_hat = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [2.0, 2.0, 1.0]])  # only row 1 is mis-reconstructed
+    b_dec = torch.tensor([0.0, 0.0, 0.0])
+    W_enc = torch.tensor([[2.0, 0.0, 9.0, 0.0], [0.0, 0.0, 9.0, 2.0], [0.0, 0.0, 9.0, 0.0]])  # live norms 2, 2
+    W_dec = torch.eye(4, 3)
+    dead = torch.tensor([False, True, False, False])
+    dead[2] = True
+    F_sae.resample_dead_features(x, x_hat, b_dec, W_enc, W_dec, dead, generator=torch.Generator().manual_seed(0))
+    direction = torch.tensor([0.0, 0.6, 0.8])  # row 1, at unit norm
+    assert torch.allclose(W_dec[1], direction) and torch.allclose(W_dec[2], direction)
+    assert torch.equal(W_dec[[0, 3]], torch.eye(4, 3)[[0, 3]])
+    assert torch.allclose(W_enc[:, 1], direction * 0.2 * 2.0) and torch.allclose(W_enc[:, 2], direction * 0.4)
+    assert torch.equal(W_enc[:, 0], torch.tensor([2.0, 0.0, 0.0])) and torch.equal(W_enc[:, 3],
+                                                                                  torch.tensor([0.0, 2.0, 0.0]))
+
+
+@pytest.mark.parametrize("make", [lambda: SparseAutoencoder(16, 48, l1_coefficient=1e-3),
+                                  lambda: TopKSAE(16, 48, k=4), lambda: GatedSAE(16, 48, l1_coefficient=1e-3)])
+def test_module_resamples_features_dead_for_a_window(make):
+    torch.manual_seed(0)
+    planted = PlantedFeatures.create(d=16, n_features=24, active=2.0, seed=0)
+    x = planted.sample(4096, torch.Generator().manual_seed(1))
+    sae = make()
+    forced = torch.arange(48) < 8
+    with torch.no_grad():  # features 0..7 can never fire: their encoder columns point nowhere and biases are -100
+        sae.W_enc[:, forced] = 0.0
+        getattr(sae, "b_gate" if isinstance(sae, GatedSAE) else "b_enc")[forced] = -100.0
+    module = SAETrainingModule(sae, lr=1e-3, lr_warmup_steps=1, ghost_grads=False, feature_sampling_window=10,
+                               b_dec_init="mean", resample_dead=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, datamodule=ActivationsDataModule(x, sae_batch_size=64, buffer_size=256, seed=0))
+    # the window closed at step 10 with 0..7 dead: resampled to unit-norm inputs, biases zeroed, Adam reset
+    assert torch.allclose(sae.W_dec[forced].norm(dim=-1), torch.ones(8), atol=1e-5)
+    assert (sae.W_enc[:, forced].norm(dim=0) > 0).all()
+    bias = sae.b_gate if isinstance(sae, GatedSAE) else sae.b_enc
+    assert torch.equal(bias[forced], torch.zeros(8))
+    state = trainer.optimizers[0].state[sae.W_enc]
+    assert torch.equal(state["exp_avg"][:, forced], torch.zeros(16, 8)) and state["exp_avg"][:, ~forced].abs().sum() > 0
+    assert (sae.encode_pre(x[:512])[:, forced] > 0).any()  # they can fire again (TopK: when among the top k)
+    if not isinstance(sae, TopKSAE):
+        assert (sae.encode(x[:512])[:, forced] > 0).any()
