@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 import sae_lightning
-from sae_lightning.evaluation import plots
+from sae_lightning.evaluation import ground_truth, labels, plots
 from sae_lightning.evaluation.alignment import neuron_alignment
 from sae_lightning.evaluation.clusters import detect_cluster, encoder_cosine_stats
 from sae_lightning.evaluation.fetch import fetch_images
@@ -44,11 +44,16 @@ class Evaluation:
     features: dict[str, Tensor] = field(default_factory=dict)  # name -> [F, ...] tensor
     figures: dict[str, tuple[str, Figure]] = field(default_factory=dict)  # file stem -> (heading, figure)
     notes: list[str] = field(default_factory=list)  # sentences for the report
+    feature_names: dict[str, list[str]] = field(default_factory=dict)  # name tables for features.json
 
 
 def make_consumers(inputs: EvalInputs) -> dict[str, ChunkConsumer]:
     """Streaming analyses beyond the built-in ones (name -> consumer; result in `ev.stream.extra[name]`)."""
-    return {}
+    consumers: dict[str, ChunkConsumer] = {}
+    truth = ground_truth.make_consumer(inputs)
+    if truth is not None:
+        consumers["ground_truth"] = truth
+    return consumers
 
 
 def provenance(ev: Evaluation) -> None:
@@ -250,6 +255,8 @@ ANALYSES: tuple[Callable[[Evaluation], None], ...] = (
     label_entropy,
     cluster_and_alignment,
     top_image_grids,
+    ground_truth.ground_truth_analysis,
+    labels.feature_labels,
     warnings,
 )
 

@@ -90,6 +90,7 @@ def write_feature_table(ev: Evaluation, directory: Path) -> None:
         "tensors": {k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
                     for k, v in tensors.items()},
         "image_keys": {str(n): key for n, key in sorted(ev.stream.keys.items())},
+        "names": ev.feature_names,  # name tables that per-feature index tensors point into
     })
 
 

@@ -67,6 +67,35 @@ METRIC_GROUPS: dict[str, list[tuple[str, str, Any]]] = {
         ("alignment_baseline_mean_max_cosine", "the same for the random vectors", None),
         ("alignment_mean_aligned_neurons", "mean number of neurons each feature is aligned to", None),
     ],
+    "Ground truth": [
+        ("ground_truth_images", "held-out images with attribute records scored (the first of the pass)", None),
+        ("ground_truth_values", "attribute values (colour, shape, size, count, background, effect, object)",
+         None),
+        ("ground_truth_min_images", "a value is scored when at least this many images have it and lack it", None),
+        ("ground_truth_scorable_values", "values scored (enough images with and without them)", None),
+        ("ground_truth_threshold", "AUROC at which one value explains a unit (monosemantic)", None),
+        ("interpretability_sae_units", "live SAE features scored", None),
+        ("interpretability_sae_monosemantic", "live SAE features with some value at AUROC >= threshold", None),
+        ("interpretability_sae_covered", "values some live SAE feature explains at AUROC >= threshold", None),
+        *[(f"interpretability_sae_covered_{g}", f"the same, {g} values only", None)
+          for g in ("colour", "shape", "size", "count", "background", "effect", "object")],
+        ("interpretability_neurons_units", "MLP neurons of the hooked block scored (non-constant)", None),
+        ("interpretability_neurons_monosemantic", "the same fraction for the MLP neurons", None),
+        ("interpretability_neurons_covered", "values some MLP neuron explains", None),
+        ("ground_truth_random_directions", "random unit residual directions (as many as SAE features)", None),
+        ("interpretability_random_units", "random directions scored (non-constant)", None),
+        ("interpretability_random_monosemantic", "the same fraction for the random directions", None),
+        ("interpretability_random_covered", "values some random direction explains", None),
+    ],
+    "Feature labels": [
+        ("label_method", "the method of the `label` column (the best on the scene world)", None),
+        ("label_best_method", "the method with the best top-1 accuracy in this evaluation", None),
+        ("label_vocabulary_size", "words in the label vocabulary", None),
+        ("label_monosemantic_features", "monosemantic features the labels are scored on", None),
+        *[(f"label_{m}_{k}", f"{m}: label{'s' if k == 'top5' else ''} naming the feature's best value, "
+           f"{'top-1' if k == 'top1' else 'in the top 5'}", None)
+          for m in ("encoder_lens", "decoder_lens", "intervention", "top_images") for k in ("top1", "top5")],
+    ],
     "Guess the image": [
         ("game_machine_accuracy", "a machine player picks the held-out image among 8 candidates from its top-5 "
          "features' top images alone (chance 12.5%)", None),
@@ -84,6 +113,11 @@ METRIC_GROUPS: dict[str, list[tuple[str, str, Any]]] = {
 PERCENT = {"explained_variance_uncentred", "explained_variance", "zero_shot_accuracy_original",
            "zero_shot_accuracy_sae", "zero_shot_accuracy_ablated", "cluster_fraction",
            "alignment_fraction_aligned", "game_machine_accuracy", "game_baseline_accuracy"}
+PERCENT |= {f"interpretability_{f}_{k}" for f in ("sae", "neurons", "random") for k in ("monosemantic", "covered")}
+PERCENT |= {f"interpretability_sae_covered_{g}" for g in ("colour", "shape", "size", "count", "background", "effect",
+                                                           "object")}
+PERCENT |= {f"label_{m}_{k}" for m in ("encoder_lens", "decoder_lens", "intervention", "top_images")
+            for k in ("top1", "top5")}
 
 
 def _fmt(key: str, value: Any) -> str:
