@@ -1,0 +1,160 @@
+"""Ground-truth interpretability: exact AUROC with ties, monosemanticity of hand-built units, the streaming
+consumer's captures (MLP hidden units, random directions, embeddings) against direct computations."""
+
+import math
+from itertools import product
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.functional.classification import binary_auroc
+
+from sae_lightning.backbone import load_tiny_backbone, select_tokens
+from sae_lightning.evaluation.ground_truth import (
+    GroundTruthConsumer,
+    attribute_vocabulary,
+    auroc,
+    interpretability,
+    present_values,
+    scorable_values,
+)
+from sae_lightning.evaluation.stream import TokenChunk
+from sae_lightning.sae import SparseAutoencoder
+from sae_lightning.world.scenes import sample_scene
+
+
+def pairwise_auroc(scores, labels):
+    """The definition: P(score of a positive > score of a negative), ties counting 1/2."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in product(pos, neg))
+    return wins / (len(pos) * len(neg))
+
+
+def test_auroc_matches_a_hand_computation_with_ties():
+    scores = torch.tensor([[0.1], [0.4], [0.4], [0.8], [0.4]])
+    labels = torch.tensor([[0], [1], [0], [1], [1]], dtype=torch.bool)
+    # positives 0.4, 0.8, 0.4; negatives 0.1, 0.4: (1 + 1/2) + (1 + 1) + (1 + 1/2) = 5 of 6 pairs
+    assert auroc(scores, labels)[0, 0].item() == pytest.approx(5 / 6, abs=1e-12)
+    # all tied: exactly 1/2; a value never present (or always present): undefined
+    flat = auroc(torch.zeros(5, 1), torch.tensor([[1, 0, 1], [0, 0, 1], [1, 0, 1], [0, 0, 1], [0, 0, 1]]).bool())
+    assert flat[0, 0].item() == 0.5 and math.isnan(flat[0, 1]) and math.isnan(flat[0, 2])
+
+
+def test_auroc_matches_the_definition_and_torchmetrics_on_many_columns():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 6, (200, 37), generator=gen).float()  # many ties
+    scores[:, 5] = torch.randn(200, generator=gen)  # none
+    labels = torch.rand(200, 4, generator=gen) < torch.tensor([0.1, 0.5, 0.9, 0.3])
+    table = auroc(scores, labels, chunk=8)  # several chunks
+    assert table.shape == (37, 4) and table.dtype == torch.float64
+    for c in (0, 5, 36):
+        for v in range(4):
+            expected = pairwise_auroc(scores[:, c].tolist(), labels[:, v].tolist())
+            assert table[c, v].item() == pytest.approx(expected, abs=1e-12)
+            assert table[c, v].item() == pytest.approx(binary_auroc(scores[:, c], labels[:, v].long()).item(),
+                                                       abs=1e-6)
+
+
+def scene_labels(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    records = [sample_scene(rng) for _ in range(n)]
+    values = attribute_vocabulary()
+    y = torch.zeros(n, len(values), dtype=torch.bool)
+    for i, record in enumerate(records):
+        for v in present_values(record):
+            y[i, values.index(v)] = True
+    return records, values, y
+
+
+def test_a_feature_firing_exactly_on_one_attribute_scores_1_and_a_random_one_about_one_half():
+    records, values, y = scene_labels(600)
+    red = values.index("colour=red")
+    gen = torch.Generator().manual_seed(1)
+    exact = y[:, red].float() * (1 + torch.rand(600, generator=gen))  # fires (any strength) iff a red object
+    random = torch.rand(600, generator=gen)
+    dead = torch.zeros(600)
+    table = auroc(torch.stack([exact, random, dead], 1), y)
+    assert table[0, red].item() == 1.0
+    assert abs(table[1, red].item() - 0.5) < 0.1
+    result = interpretability(table, torch.tensor([True, True, False]))
+    assert result.best_value[0].item() == red and result.best_auroc[0].item() == 1.0
+    assert result.monosemantic.tolist() == [True, False, False]
+    assert result.best_value[2].item() == -1  # not live: never counted
+    assert 0.5 <= result.best_auroc[1].item() < 0.75  # the best over 76 values of a random unit stays far from 0.9
+    assert result.fraction_monosemantic == 0.5  # of the two live units
+    # covered: "red", and the red objects (every red star fires it; few images without one do)
+    covered = {values[v] for v in torch.nonzero(result.value_best_auroc >= 0.9).squeeze(1).tolist()}
+    assert "colour=red" in covered and all(v.startswith("object=red ") for v in covered - {"colour=red"})
+    scored = torch.isfinite(table).any(0)
+    assert result.fraction_covered == pytest.approx(len(covered) / int(scored.sum()))
+    assert result.value_best_auroc[red].item() == 1.0
+
+
+def test_presence_of_values_follows_the_record():
+    record = {"count": 2, "background": "stripes", "effect": "pixelated",
+              "objects": [{"colour": "red", "shape": "star", "size": "large"},
+                          {"colour": "blue", "shape": "ring", "size": "large"}]}
+    assert present_values(record) == {"count=2", "background=stripes", "effect=pixelated", "colour=red",
+                                      "colour=blue", "shape=star", "shape=ring", "size=large", "object=red star",
+                                      "object=blue ring"}
+    assert set(present_values(record)) <= set(attribute_vocabulary())
+
+
+def test_rare_values_are_not_scored():
+    y = torch.zeros(100, 3, dtype=torch.bool)
+    y[:19, 0] = True  # 19 positives: too few
+    y[:50, 1] = True
+    y[:81, 2] = True  # 19 negatives: too few
+    assert scorable_values(y).tolist() == [False, True, False]
+
+
+@pytest.mark.parametrize("tokens", ["cls", "patches"])
+def test_consumer_captures_neurons_random_directions_and_embeddings(tmp_path, tokens):
+    backbone = load_tiny_backbone(tmp_path / "tiny.pt")
+    layer = 1
+    torch.manual_seed(0)
+    sae = SparseAutoencoder(backbone.width, 64)
+    images = torch.randint(0, 256, (10, 3, backbone.image_size, backbone.image_size), dtype=torch.uint8)
+    keys = [f"s.tar/{i}" for i in range(10)]
+    rng = np.random.default_rng(0)
+    records = {k: sample_scene(rng) for k in keys if k != "s.tar/3"}  # one image without a record: skipped
+    consumer = GroundTruthConsumer(backbone, sae, layer=layer, tokens=tokens, records=records, max_images=7,
+                                   n_random=16, label_images=4, seed=0)
+    pre = []
+    handle = backbone.visual.transformer.resblocks[layer].mlp.c_fc.register_forward_hook(
+        lambda m, a, out: pre.append(out))
+    with torch.no_grad():
+        for batch in (slice(0, 6), slice(6, 10)):  # two batches, chunks of 4 rows inside
+            x_all = select_tokens(backbone.residual(images[batch], layer), tokens)
+            for start in range(0, x_all.shape[0], 4):
+                x = x_all[start : start + 4]
+                acts = sae.encode(x)
+                b = list(range(10))[batch][start : start + 4]
+                consumer.update(TokenChunk(x, sae.decode(acts), acts, torch.zeros(len(b)), torch.tensor(b),
+                                           [keys[i] for i in b]))
+    data = consumer.compute()
+    handle.remove()
+    kept = [0, 1, 2, 4, 5, 6, 7]  # the first 7 images with a record
+    assert data.keys == [keys[i] for i in kept] and data.n_images == 7
+    with torch.no_grad():
+        x = select_tokens(backbone.residual(images[kept], layer), tokens)
+        hidden = select_tokens(backbone.visual.transformer.resblocks[layer].mlp.gelu(torch.cat(pre)), tokens)
+        embeddings = torch.nn.functional.normalize(backbone.encode_image(images[kept]), dim=-1)
+        acts = sae.encode(x)
+    hidden = hidden[kept]
+    image_level = (lambda t: t.amax(1)) if tokens == "patches" else (lambda t: t)
+    torch.testing.assert_close(data.neurons, image_level(hidden), atol=1e-5, rtol=1e-5)
+    assert data.neurons.shape[1] == backbone.visual.transformer.resblocks[layer].mlp.c_fc.out_features
+    gen = torch.Generator().manual_seed(0)
+    directions = torch.nn.functional.normalize(torch.randn(16, backbone.width, generator=gen), dim=1)
+    torch.testing.assert_close(data.random, image_level(x @ directions.T), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(data.embeddings, embeddings, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(data.sae_dense(0, 64), image_level(acts).clamp_min(0), atol=1e-6, rtol=1e-6)
+    assert data.residuals.shape == (4, backbone.n_tokens, backbone.width)
+    values = attribute_vocabulary()
+    for row, i in enumerate(kept):
+        assert {values[v] for v in torch.nonzero(data.labels[row]).squeeze(1).tolist()} == \
+            present_values(records[keys[i]])
+    # hooks are gone: a later forward pass does not feed the consumer
+    assert not backbone.visual.transformer.resblocks[layer]._forward_hooks
