@@ -340,6 +340,7 @@ def make_consumer(inputs) -> GroundTruthConsumer | None:
     """The consumer for an evaluation (`ground_truth=false` turns it off): attribute records are read when the
     first sample of the shards carries one; without records it still keeps what the labels need."""
     cfg = inputs.cfg
+    check_config(cfg)
     if not cfg.get("ground_truth", True):
         return None
     records = None
@@ -351,6 +352,22 @@ def make_consumer(inputs) -> GroundTruthConsumer | None:
     return GroundTruthConsumer(inputs.backbone, inputs.sae, layer=inputs.layer, tokens=inputs.tokens, records=records,
                                max_images=int(cfg.get("ground_truth_images", DEFAULT_IMAGES)),
                                label_images=int(cfg.get("label_images", DEFAULT_LABEL_IMAGES)), seed=int(cfg.seed))
+
+
+def check_config(cfg) -> None:
+    """`ground_truth_images` >= 1, `label_images` >= 0, `label_methods` null or a list of known methods."""
+    from sae_lightning.evaluation.labels import METHODS
+
+    for key, lowest, default in (("ground_truth_images", 1, DEFAULT_IMAGES), ("label_images", 0, DEFAULT_LABEL_IMAGES)):
+        value = cfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+            raise ValueError(f"{key}={value!r}: must be an integer >= {lowest}")
+    methods = cfg.get("label_methods")
+    if methods is not None:
+        if isinstance(methods, str) or not all(isinstance(m, str) for m in methods) or \
+                any(m not in METHODS for m in methods) or not len(methods):
+            raise ValueError(f"label_methods={methods!r}: must be null or a non-empty list of {list(METHODS)}, "
+                             f"e.g. label_methods=[top_images]")
 
 
 FAMILIES = {"sae": "SAE features", "neurons": "MLP neurons", "random": "random directions"}
