@@ -41,8 +41,8 @@ ARCH_KNOBS = {  # planted data: about 5 active features per sample, feature magn
     "standard": {},
     "topk": {"k": 6},
     "batchtopk": {"k": 5},
-    "jumprelu": {"l0_coefficient": 1e-4, "bandwidth": 0.05, "init_threshold": 0.05},
-    "gated": {},
+    "jumprelu": {"l0_coefficient": 3e-4, "bandwidth": 0.05, "init_threshold": 0.1},
+    "gated": {"l1_coefficient": 1e-3},
     "matryoshka_batchtopk": {"k": 5, "prefixes": [0.0625, 0.25]},
 }
 
