@@ -158,3 +158,18 @@ def test_consumer_captures_neurons_random_directions_and_embeddings(tmp_path, to
             present_values(records[keys[i]])
     # hooks are gone: a later forward pass does not feed the consumer
     assert not backbone.visual.transformer.resblocks[layer]._forward_hooks
+
+
+def test_without_records_only_what_the_labels_need_is_kept(tmp_path):
+    backbone = load_tiny_backbone(tmp_path / "tiny.pt")
+    sae = SparseAutoencoder(backbone.width, 32)
+    consumer = GroundTruthConsumer(backbone, sae, layer=0, tokens="cls", records=None, max_images=5, label_images=2)
+    images = torch.randint(0, 256, (6, 3, backbone.image_size, backbone.image_size), dtype=torch.uint8)
+    with torch.no_grad():
+        x = backbone.activations(images, 0, "cls")
+        acts = sae.encode(x)
+    consumer.update(TokenChunk(x, sae.decode(acts), acts, torch.zeros(6), torch.arange(6), [str(i) for i in range(6)]))
+    data = consumer.compute()
+    assert data.labels is None and data.values is None and data.n_images == 5
+    assert data.random.shape == (5, 0) and data.neurons.numel() == 0  # no 1 GiB of random projections for nothing
+    assert data.embeddings.shape == (5, backbone.embed_dim) and data.residuals.shape[0] == 2

@@ -209,7 +209,8 @@ class GroundTruthConsumer:
         self.max_images, self.label_images = max_images, label_images
         self.n_features = sae.d_sae
         gen = torch.Generator().manual_seed(seed)
-        n_random = sae.d_sae if n_random is None else n_random
+        # without records only the labels' inputs are kept: no neurons, no random directions
+        n_random = (sae.d_sae if records is not None else 0) if n_random is None else n_random
         directions = torch.randn(n_random, backbone.width, generator=gen)
         self.directions = torch.nn.functional.normalize(directions, dim=1).T.contiguous()  # [d, R]
         self.values = attribute_vocabulary() if records is not None else None
@@ -267,8 +268,9 @@ class GroundTruthConsumer:
         x = chunk.x[idx.to(dev)].float()
         proj = x @ self.directions.to(x.device)
         self.parts["random"].append((proj.amax(1) if proj.ndim == 3 else proj).cpu())
-        hidden = select_tokens(self._hidden[rows], self.tokens)[idx.to(dev)].float()
-        self.parts["neurons"].append((hidden.amax(1) if hidden.ndim == 3 else hidden).cpu())
+        if self.records is not None:
+            hidden = select_tokens(self._hidden[rows], self.tokens)[idx.to(dev)].float()
+            self.parts["neurons"].append((hidden.amax(1) if hidden.ndim == 3 else hidden).cpu())
         if self._embeddings is None:
             emb = self.backbone.forward_from(self._residual.to(self.backbone.visual.conv1.weight.dtype), self.layer)
             self._embeddings = torch.nn.functional.normalize(emb.float(), dim=-1)
