@@ -141,3 +141,13 @@ def test_vocabularies():
     words = concept_vocabulary(["tench", "red"])
     assert words[:2] == ["tench", "red"] and words.count("red") == 1 and len(words) > 200
     assert not any(w.startswith("#") or not w for w in words)
+
+
+def test_related_accuracy_accepts_parts_and_wholes_only():
+    from sae_lightning.evaluation.labels import related_accuracy
+
+    values = attribute_vocabulary()
+    v = values.index
+    top = torch.tensor([[v("object=red star")], [v("colour=red")], [v("object=blue star")], [v("shape=ring")]])
+    truth = torch.tensor([v("colour=red"), v("object=red star"), v("colour=red"), v("shape=star")])
+    assert related_accuracy(top, truth, torch.ones(4, dtype=torch.bool), values) == 0.5

@@ -152,6 +152,26 @@ def label_accuracy(top: Tensor, truth: Tensor, mask: Tensor) -> tuple[float, flo
     return hits[:, 0].double().mean().item(), hits[:, :TOP_LABELS].any(1).double().mean().item()
 
 
+def implied(value: str) -> set[str]:
+    """A scene value and what it implies: "object=red star" -> itself, "colour=red", "shape=star"."""
+    group, _, v = value.partition("=")
+    if group == "object":
+        colour, _, shape = v.partition(" ")
+        return {value, f"colour={colour}", f"shape={shape}"}
+    return {value}
+
+
+def related_accuracy(top: Tensor, truth: Tensor, mask: Tensor, values: list[str]) -> float:
+    """Top-1 accuracy counting a label as right when it names the true value, a part of it ("red" for a "red
+    star" feature) or a whole it is part of ("red star" for a "red" feature)."""
+    rows = torch.nonzero(mask).squeeze(1).tolist()
+    if not rows:
+        return math.nan
+    hits = [int(top[f, 0]) >= 0 and (values[int(top[f, 0])] in implied(values[int(truth[f])])
+                                     or values[int(truth[f])] in implied(values[int(top[f, 0])])) for f in rows]
+    return sum(hits) / len(hits)
+
+
 def method_vectors(method: str, *, backbone, sae, data, layer: int, tokens: str, scales: Tensor, live: Tensor,
                    k: int) -> Tensor:
     """[F, E] vectors of one method; NaN rows for features that are not live (never labelled)."""
@@ -207,7 +227,8 @@ def feature_labels(ev) -> None:
         if scenes and truth is not None:
             top1, top5 = label_accuracy(top, truth.cpu(), mono.cpu())
             scores[method] = top1
-            ev.metrics |= {f"label_{method}_top1": top1, f"label_{method}_top5": top5}
+            ev.metrics |= {f"label_{method}_top1": top1, f"label_{method}_top5": top5,
+                           f"label_{method}_top1_related": related_accuracy(top, truth.cpu(), mono.cpu(), data.values)}
     default = DEFAULT_METHOD if DEFAULT_METHOD in methods else methods[0]
     ev.features["label"] = ev.features[f"label_{default}"][:, 0].clone()
     if hasattr(ev, "feature_names"):

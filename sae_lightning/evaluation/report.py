@@ -95,6 +95,9 @@ METRIC_GROUPS: dict[str, list[tuple[str, str, Any]]] = {
         *[(f"label_{m}_{k}", f"{m}: label{'s' if k == 'top5' else ''} naming the feature's best value, "
            f"{'top-1' if k == 'top1' else 'in the top 5'}", None)
           for m in ("encoder_lens", "decoder_lens", "intervention", "top_images") for k in ("top1", "top5")],
+        *[(f"label_{m}_top1_related", f"{m}: first label names the best value, a part of it or a whole it is "
+           f"part of (\"red\" / \"red star\")", None)
+          for m in ("encoder_lens", "decoder_lens", "intervention", "top_images")],
     ],
     "Guess the image": [
         ("game_machine_accuracy", "a machine player picks the held-out image among 8 candidates from its top-5 "
@@ -117,7 +120,7 @@ PERCENT |= {f"interpretability_{f}_{k}" for f in ("sae", "neurons", "random") fo
 PERCENT |= {f"interpretability_sae_covered_{g}" for g in ("colour", "shape", "size", "count", "background", "effect",
                                                            "object")}
 PERCENT |= {f"label_{m}_{k}" for m in ("encoder_lens", "decoder_lens", "intervention", "top_images")
-            for k in ("top1", "top5")}
+            for k in ("top1", "top5", "top1_related")}
 
 
 def _fmt(key: str, value: Any) -> str:
