@@ -266,7 +266,9 @@ class GroundTruthConsumer:
         self.parts["cols"].append(nz[:, 1].cpu())
         self.parts["vals"].append(acts[nz[:, 0], nz[:, 1]].cpu())
         x = chunk.x[idx.to(dev)].float()
-        proj = x @ self.directions.to(x.device)
+        if self.directions.device != x.device:
+            self.directions = self.directions.to(x.device)  # once: [d, R] can be 256 MiB
+        proj = x @ self.directions
         self.parts["random"].append((proj.amax(1) if proj.ndim == 3 else proj).cpu())
         if self.records is not None:
             hidden = select_tokens(self._hidden[rows], self.tokens)[idx.to(dev)].float()
