@@ -411,6 +411,7 @@ def ground_truth_analysis(ev) -> None:
                     "gt_monosemantic": sae.monosemantic}
     if hasattr(ev, "feature_names"):
         ev.feature_names["gt_values"] = list(values)
+        ev.feature_names["gt_image_keys"] = list(data.keys)  # the images scored, in order
     ev.figures["ground_truth_best_auroc"] = (
         "Ground truth: best AUROC per attribute value, SAE features vs MLP neurons vs random directions",
         best_auroc_plot(values, {FAMILIES[name]: r.value_best_auroc for name, r in results.items()}))
