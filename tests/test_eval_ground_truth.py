@@ -3,6 +3,7 @@ consumer's captures (MLP hidden units, random directions, embeddings) against di
 
 import math
 from itertools import product
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,3 +174,61 @@ def test_without_records_only_what_the_labels_need_is_kept(tmp_path):
     assert data.labels is None and data.values is None and data.n_images == 5
     assert data.random.shape == (5, 0) and data.neurons.numel() == 0  # no 1 GiB of random projections for nothing
     assert data.embeddings.shape == (5, backbone.embed_dim) and data.residuals.shape[0] == 2
+
+
+@pytest.mark.slow
+def test_evaluate_writes_ground_truth_and_labels_that_recompute_from_the_files(demo_run, tmp_path):
+    """evaluate.py on scene shards: the metrics follow from features.safetensors + features.json, and the AUROC
+    table from the shards' attribute records and the SAE's activations."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+    from safetensors.torch import load_file
+
+    from sae_lightning.data.synthetic import read_attribute_records
+    from sae_lightning.evaluation.run import evaluate_run
+    CONF = Path(__file__).resolve().parents[1] / "conf"
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=[
+            f"run={demo_run}", f"out_dir={tmp_path / 'eval'}", "top_k=5", "batch_size=32", "contrastive_batch_size=32",
+            "num_workers=0", "device=cpu", "n_grid_features=0", "explorer=false", "tensorboard=false",
+            "ground_truth_images=100"])
+    metrics = evaluate_run(cfg)
+    t = load_file(str(tmp_path / "eval" / "features.safetensors"))
+    names = json.loads((tmp_path / "eval" / "features.json").read_text())["names"]
+    values, keys = names["gt_values"], names["gt_image_keys"]
+    assert values == attribute_vocabulary() and len(keys) == 100 == metrics["ground_truth_images"]
+    live = t["density"] > 0
+    assert metrics["interpretability_sae_units"] == int(live.sum())
+    mono = t["gt_monosemantic"]
+    assert torch.equal(mono, live & (t["gt_best_auroc"] >= 0.9))
+    assert metrics["interpretability_sae_monosemantic"] == pytest.approx(int(mono.sum()) / int(live.sum()))
+    table = t["gt_auroc"]
+    best = table.nan_to_num(-1).max(1)
+    assert torch.equal(t["gt_best_value"][live], best.indices[live])
+    # the table from the records and the SAE's own activations on those images
+    records = read_attribute_records(metrics["shards"])
+    y = torch.tensor([[v in present_values(records[k]) for v in values] for k in keys])
+    import os
+
+    import webdataset as wds
+
+    from sae_lightning.evaluation.inputs import prepare_inputs
+
+    inputs = prepare_inputs(cfg)
+    images = {f"{os.path.basename(url)}/{s['__key__']}": s["jpg"] for url in inputs.urls
+              for s in wds.WebDataset(url, shardshuffle=False, empty_check=False).decode("pil")}
+    pixels = torch.stack([inputs.backbone.pixel_transform(images[k]) for k in keys])
+    with torch.no_grad():
+        acts = inputs.sae.encode(inputs.backbone.activations(pixels, inputs.layer, inputs.tokens).float())
+    expected = auroc(acts, y)
+    expected[:, ~scorable_values(y)] = math.nan
+    torch.testing.assert_close(table, expected.float(), atol=1e-5, rtol=0, equal_nan=True)
+    # labels: every method's top-5 table, the default column, the vocabulary
+    assert len(names["label_vocabulary"]) == len(values)
+    for method in ("encoder_lens", "decoder_lens", "intervention", "top_images"):
+        assert t[f"label_{method}"].shape == (len(live), 5)
+        assert (t[f"label_{method}"][live] >= 0).all() and (t[f"label_{method}"][~live] == -1).all()
+        assert f"label_{method}_top1" in metrics
+    assert torch.equal(t["label"], t[f"label_{metrics['label_method']}"][:, 0])
