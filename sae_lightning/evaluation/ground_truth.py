@@ -41,7 +41,7 @@ MONOSEMANTIC_AUROC = 0.9
 # deviations above chance, and the maximum over thousands of units and ~76 values stays well below it.
 MIN_IMAGES_PER_SIDE = 20
 DEFAULT_IMAGES = 4096
-DEFAULT_LABEL_IMAGES = 32
+DEFAULT_LABEL_IMAGES = 16
 GROUPS = ("colour", "shape", "size", "count", "background", "effect", "object")
 
 
