@@ -217,8 +217,13 @@ class GroundTruthConsumer:
         self.value_index = {v: i for i, v in enumerate(self.values or [])}
         self.batch_first = bool(getattr(backbone.visual.transformer, "batch_first", True))
         block = backbone.visual.transformer.resblocks[layer]
-        self._handles = [block.register_forward_hook(self._on_block),
-                         block.mlp.gelu.register_forward_hook(self._on_hidden)]
+        self._handles = [block.register_forward_hook(self._on_block)]
+        activation = getattr(getattr(block, "mlp", None), "gelu", None)  # open_clip's c_fc -> gelu -> c_proj
+        self.has_neurons = activation is not None
+        if self.has_neurons:
+            self._handles.append(activation.register_forward_hook(self._on_hidden))
+        else:
+            log.warning("block %d has no mlp.gelu: MLP neurons are not scored", layer)
         self._residual: Tensor | None = None
         self._hidden: Tensor | None = None
         self._embeddings: Tensor | None = None
@@ -270,7 +275,7 @@ class GroundTruthConsumer:
             self.directions = self.directions.to(x.device)  # once: [d, R] can be 256 MiB
         proj = x @ self.directions
         self.parts["random"].append((proj.amax(1) if proj.ndim == 3 else proj).cpu())
-        if self.records is not None:
+        if self.records is not None and self.has_neurons:
             hidden = select_tokens(self._hidden[rows], self.tokens)[idx.to(dev)].float()
             self.parts["neurons"].append((hidden.amax(1) if hidden.ndim == 3 else hidden).cpu())
         if self._embeddings is None:
@@ -382,6 +387,8 @@ def ground_truth_analysis(ev) -> None:
     data: GroundTruthData | None = ev.stream.extra.get("ground_truth")
     if data is None or data.labels is None or data.n_images == 0:
         return
+    if data.neurons.shape[0] != data.n_images:  # not captured (no mlp.gelu): no neuron is scored
+        data.neurons = torch.zeros(data.n_images, 0)
     tables = {"sae": data.sae_auroc(), "neurons": auroc(data.neurons, data.labels),
               "random": auroc(data.random, data.labels)}
     rare = ~scorable_values(data.labels)
