@@ -459,3 +459,21 @@ def test_visualise_py_command_line(tiny_run, tmp_path):
     assert (tmp_path / "visualisations" / "feature_1.png").is_file()
     summary = json.loads((tmp_path / "visualisations" / "summary.json").read_text())
     assert list(summary["features"]) == ["1"] and summary["top_images_from"] is None  # no table in out_dir
+
+
+def test_reported_activation_is_the_architectures_own_encoding():
+    """TopK zeroes a feature outside the top k and Gated closes its gate: the reported activation must too,
+    and the optimised objective must rise with the feature's (gated) magnitude pre-activation."""
+    from sae_lightning.sae import GatedSAE, TopKSAE
+    from sae_lightning.visualisation.objective import feature_pre_activations, image_activation
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8)  # 4 images, 3 tokens
+    features = torch.tensor([0, 5, 9, 15])
+    for sae in (TopKSAE(8, 16, k=2), GatedSAE(8, 16)):
+        with torch.no_grad():
+            expected = sae.encode(x)[torch.arange(4), :, features].amax(1)
+        torch.testing.assert_close(image_activation(sae, x, features), expected)
+        pre = feature_pre_activations(sae, x, features)
+        direct = sae.encode_pre(x)[torch.arange(4), :, features]
+        torch.testing.assert_close(pre, direct)

@@ -62,11 +62,15 @@ def feature_pre_activations(sae: SparseAutoencoder, x: torch.Tensor, features: t
     x: [B, d] (cls) or [B, T, d]; features: [B] int -> [B] or [B, T]. Only the B needed encoder columns
     are used (not all F features).
     """
-    w = sae.W_enc[:, features].T  # [B, d]
+    if hasattr(sae, "r_mag"):  # Gated: the magnitude path (its gate reads the same direction, unscaled)
+        weight, bias = sae.W_enc * sae.r_mag.exp(), sae.b_mag
+    else:  # standard, TopK, BatchTopK, JumpReLU, Matryoshka: the linear encoder before the sparsifier
+        weight, bias = sae.W_enc, sae.b_enc
+    w = weight[:, features].T  # [B, d]
     centred = x.float() - sae.b_dec
     if centred.dim() == 3:
-        return torch.einsum("btd,bd->bt", centred, w) + sae.b_enc[features][:, None]
-    return (centred * w).sum(-1) + sae.b_enc[features]
+        return torch.einsum("btd,bd->bt", centred, w) + bias[features][:, None]
+    return (centred * w).sum(-1) + bias[features]
 
 
 def reduce_tokens(values: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -79,9 +83,12 @@ def reduce_tokens(values: torch.Tensor, reduction: str) -> torch.Tensor:
 
 
 def image_activation(sae: SparseAutoencoder, x: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-    """[B] the evaluation's per-image activation of features[b]: ReLU, max over the image's hooked tokens
-    (docs/format-eval.md), so it compares with `top_values`."""
-    return reduce_tokens(torch.relu(feature_pre_activations(sae, x, features)), "max")
+    """[B] the evaluation's per-image activation of features[b]: the SAE's own `encode` (so TopK, JumpReLU
+    thresholds and Gated gates apply), max over the image's hooked tokens (docs/format-eval.md), so it compares
+    with `top_values`."""
+    acts = sae.encode(x.float())  # [B, F] or [B, T, F]
+    index = features.view(-1, *([1] * (acts.dim() - 1))).expand(*acts.shape[:-1], 1)
+    return reduce_tokens(acts.gather(-1, index).squeeze(-1), "max")
 
 
 def gram_diversity(x: torch.Tensor, n_starts: int) -> torch.Tensor:
