@@ -13,7 +13,15 @@ from torch.utils.data import DataLoader
 
 from sae_lightning.backbone import load_backbone
 from sae_lightning.world import train_clip
-from sae_lightning.world.clip_model import CaptionedScenes, TinyClipModule, render_scenes
+from sae_lightning.world.clip_model import (
+    CaptionedScenes,
+    GroupBatchSampler,
+    TinyClipModule,
+    perturb,
+    render_hard_negative_scenes,
+    render_scenes,
+)
+from sae_lightning.world.scenes import sample_scene
 from sae_lightning.world.train_clip import TinyClipConfig, ensure_tiny_clip, metadata_path, read_metadata
 
 MICRO = "sae-test-micro-clip"
@@ -34,7 +42,7 @@ def micro_model(tmp_path_factory):
 
 def micro_config(**changes) -> TinyClipConfig:
     fields = {"model_name": MICRO, "image_size": 32, "n_train": 64, "n_captions": 2, "steps": 3, "batch_size": 16,
-              "warmup_steps": 1, "n_eval": 16}
+              "group_size": 4, "warmup_steps": 1, "n_eval": 16}
     return TinyClipConfig(**{**fields, **changes})
 
 
@@ -104,3 +112,74 @@ def test_config_hash_covers_settings_and_model_config():
     assert micro_config().digest() == micro_config().digest()
     assert micro_config(lr=1e-3).digest() != micro_config().digest()
     assert micro_config().as_dict()["model_config"] == MICRO_CONFIG
+
+
+def _facts(record: dict) -> dict:
+    """Everything but the objects' shapes/colours and the derived label fields."""
+    return {k: v for k, v in record.items() if k not in ("objects", "label", "classname", "caption")}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_perturb_changes_exactly_one_attribute(seed):
+    rng = np.random.default_rng(seed)
+    base = sample_scene(rng)
+    shape = perturb(base, "shape", rng)
+    assert _facts(shape) == _facts(base) and len(shape["objects"]) == len(base["objects"])
+    for old, new in zip(base["objects"], shape["objects"], strict=True):
+        assert new["shape"] != old["shape"] and {**new, "shape": old["shape"]} == old
+    # distinct shapes stay distinct, equal ones stay equal ("two red stars" -> "two red rings")
+    assert [[a["shape"] == b["shape"] for b in base["objects"]] for a in base["objects"]] == \
+        [[a["shape"] == b["shape"] for b in shape["objects"]] for a in shape["objects"]]
+    assert shape["classname"] == f"{shape['objects'][0]['colour']} {shape['objects'][0]['shape']}"
+
+    colour = perturb(base, "colour", rng)
+    for old, new in zip(base["objects"], colour["objects"], strict=True):
+        assert new["colour"] != old["colour"] and new["shape"] == old["shape"] and new["x"] == old["x"]
+
+    count = perturb(base, "count", rng)
+    assert count["count"] != base["count"] and len(count["objects"]) == count["count"]
+    assert {k: v for k, v in _facts(count).items() if k != "count"} == \
+        {k: v for k, v in _facts(base).items() if k != "count"}
+    if count["count"] > base["count"]:  # added objects copy the main object's colour and shape
+        main = (base["objects"][0]["colour"], base["objects"][0]["shape"])
+        assert sum((o["colour"], o["shape"]) == main for o in count["objects"]) >= 1 + count["count"] - base["count"]
+
+    effect = perturb(base, "effect", rng)
+    assert effect["effect"] != base["effect"] and effect["objects"] == base["objects"]
+    assert {k: v for k, v in _facts(effect).items() if k != "effect"} == \
+        {k: v for k, v in _facts(base).items() if k != "effect"}
+    assert "caption" not in shape and base == sample_scene(np.random.default_rng(seed))  # base left untouched
+    with pytest.raises(ValueError, match="attribute must be one of"):
+        perturb(base, "size", rng)
+
+
+def test_hard_negative_groups_share_the_background_and_batch_together():
+    images, records = render_hard_negative_scenes(np.random.default_rng(0), 8, 32, group_size=4)
+    assert len(images) == len(records) == 8
+    for g in (0, 4):
+        base, shape, count, effect = records[g:g + 4]
+        assert shape["background"] == count["background"] == effect["background"] == base["background"]
+        assert shape["seed"] == base["seed"] and shape["objects"][0]["shape"] != base["objects"][0]["shape"]
+        assert count["count"] != base["count"] and effect["effect"] != base["effect"]
+        assert all(r["caption"] for r in records[g:g + 4])
+        # same render seed and objects: the shape variant differs from the base only where an object is drawn
+        diff = np.abs(np.asarray(images[g], dtype=int) - np.asarray(images[g + 1], dtype=int)).sum(-1) > 0
+        assert 0 < diff.mean() < 0.5
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        render_hard_negative_scenes(np.random.default_rng(0), 7, 32, group_size=4)
+
+    sampler = GroupBatchSampler(48, group_size=4, batch_size=16, generator=torch.Generator().manual_seed(0))
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 3
+    seen = []
+    for batch in batches:
+        groups = sorted({i // 4 for i in batch})
+        assert len(batch) == 16 and len(groups) == 4 and sorted(batch) == [g * 4 + k for g in groups for k in range(4)]
+        seen += groups
+    assert sorted(seen) == list(range(12))
+    with pytest.raises(ValueError, match="multiples of group_size"):
+        GroupBatchSampler(48, group_size=4, batch_size=18, generator=torch.Generator())
+
+
+def test_group_size_is_part_of_the_config_hash():
+    assert micro_config(group_size=1).digest() != micro_config(group_size=4).digest()

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -13,10 +14,22 @@ import open_clip
 import PIL.Image
 import torch
 from open_clip.loss import ClipLoss
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
+from sae_lightning.world.scenes import (
+    _RADIUS,
+    COLOURS,
+    COUNTS,
+    EFFECTS,
+    SHAPES,
+    SIZES,
+    _place,
+    class_index,
+    make_scene,
+    render,
+    sample_scene,
+)
 from sae_lightning.world.scenes import caption as compose_caption
-from sae_lightning.world.scenes import make_scene
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +42,110 @@ def render_scenes(rng: np.random.Generator, n: int, image_size: int) -> tuple[li
         images.append(image)
         records.append(record)
     return images, records
+
+
+# The attribute each member of a hard-negative group changes, after the base scene (member 0).
+PERTURBED = ("shape", "count", "effect", "colour")
+
+
+def _derangement(values: Sequence[str], rng: np.random.Generator) -> dict[str, str]:
+    """A random mapping of `values` onto themselves with no fixed point (distinct values stay distinct)."""
+    while True:
+        order = rng.permutation(len(values))
+        if all(int(order[i]) != i for i in range(len(values))):
+            return {v: values[int(order[i])] for i, v in enumerate(values)}
+
+
+def _new_object(rng: np.random.Generator, colour: str, shape: str) -> dict[str, Any]:
+    size = SIZES[rng.integers(len(SIZES))]
+    rgb = np.clip(np.array(COLOURS[colour]) + rng.integers(-15, 16, size=3), 0, 255)
+    return {"colour": colour, "shape": shape, "size": size, "radius": round(float(rng.uniform(*_RADIUS[size])), 4),
+            "angle": round(float(rng.uniform(0, 360)), 2), "rgb": [int(c) for c in rgb]}
+
+
+def perturb(record: dict[str, Any], attribute: str, rng: np.random.Generator) -> dict[str, Any]:
+    """A copy of a scene record (no caption) that differs from it in exactly one attribute.
+
+    "shape" / "colour": every object's shape (colour) moves to another one through a derangement, so
+    "two red stars" becomes e.g. "two red rings" at the same positions on the same background; "count":
+    objects are dropped, or copies of the main object's colour and shape are added (all re-placed);
+    "effect": another image effect. The render seed is kept, so the background's pixels stay the same.
+    """
+    out = {**record, "objects": [dict(o) for o in record["objects"]]}
+    out.pop("caption", None)
+    objects = out["objects"]
+    if attribute == "shape":
+        mapping = _derangement(SHAPES, rng)
+        for obj in objects:
+            obj["shape"] = mapping[obj["shape"]]
+    elif attribute == "colour":
+        mapping = _derangement(list(COLOURS), rng)
+        for obj in objects:
+            jitter = np.array(obj["rgb"]) - np.array(COLOURS[obj["colour"]])
+            obj["colour"] = mapping[obj["colour"]]
+            obj["rgb"] = [int(c) for c in np.clip(np.array(COLOURS[obj["colour"]]) + jitter, 0, 255)]
+    elif attribute == "count":
+        count = int(rng.choice([c for c in COUNTS if c != record["count"]]))
+        if count < len(objects):
+            del objects[count:]
+        else:
+            main = objects[0]
+            objects.extend(_new_object(rng, main["colour"], main["shape"]) for _ in range(count - len(objects)))
+            objects.sort(key=lambda o: o["size"] != "large")
+            for obj, (x, y) in zip(objects, _place(rng, [o["radius"] for o in objects]), strict=True):
+                obj["x"], obj["y"] = round(x, 4), round(y, 4)
+        out["count"] = count
+    elif attribute == "effect":
+        out["effect"] = str(rng.choice([e for e in EFFECTS if e != record["effect"]]))
+    else:
+        raise ValueError(f"attribute must be one of {PERTURBED}, got {attribute!r}")
+    main = objects[0]
+    out["label"], out["classname"] = class_index(main["colour"], main["shape"]), f"{main['colour']} {main['shape']}"
+    return out
+
+
+def render_hard_negative_scenes(rng: np.random.Generator, n: int, image_size: int, group_size: int
+                                ) -> tuple[list[PIL.Image.Image], list[dict]]:
+    """n scenes in consecutive groups of `group_size`: a base scene, then variants that each change one
+    attribute of it (PERTURBED, in order, cycling), so one group's captions differ only in shape, count,
+    effect or colour. `group_size` 1: independent scenes. n must be a multiple of `group_size`.
+    """
+    if group_size < 1 or n % group_size:
+        raise ValueError(f"n ({n}) must be a positive multiple of group_size ({group_size})")
+    images, records = [], []
+    for _ in range(n // group_size):
+        base = sample_scene(rng)
+        group = [base] + [perturb(base, PERTURBED[(k - 1) % len(PERTURBED)], rng) for k in range(1, group_size)]
+        for record in group:
+            record["caption"] = compose_caption(record, rng)
+            record["image_size"] = image_size
+            images.append(render(record, image_size))
+            records.append(record)
+    return images, records
+
+
+class GroupBatchSampler(Sampler[list[int]]):
+    """Batches of whole groups: indices [g * group_size, (g + 1) * group_size) stay in one batch.
+
+    Groups are shuffled each epoch; batch_size must be a multiple of group_size; the last partial batch is dropped.
+    """
+
+    def __init__(self, n: int, group_size: int, batch_size: int, generator: torch.Generator) -> None:
+        if batch_size % group_size or n % group_size or n < batch_size:
+            raise ValueError(f"batch_size ({batch_size}) and n ({n}) must be multiples of group_size "
+                             f"({group_size}), with n >= batch_size")
+        self.n_groups, self.group_size, self.batch_size = n // group_size, group_size, batch_size
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return self.n_groups * self.group_size // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        groups_per_batch = self.batch_size // self.group_size
+        order = torch.randperm(self.n_groups, generator=self.generator)
+        for b in range(len(self)):
+            chosen = order[b * groups_per_batch:(b + 1) * groups_per_batch]
+            yield (chosen[:, None] * self.group_size + torch.arange(self.group_size)).flatten().tolist()
 
 
 class CaptionedScenes(Dataset):

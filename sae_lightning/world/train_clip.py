@@ -26,7 +26,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from sae_lightning.data.synthetic import _exclusive, _split_rng, _write_text
-from sae_lightning.world.clip_model import CaptionedScenes, TinyClipModule, render_scenes
+from sae_lightning.world.clip_model import (
+    CaptionedScenes,
+    GroupBatchSampler,
+    TinyClipModule,
+    render_hard_negative_scenes,
+    render_scenes,
+)
 from sae_lightning.world.scenes import SCENE_VERSION
 from sae_lightning.world.zeroshot import zero_shot_accuracies
 
@@ -46,6 +52,7 @@ class TinyClipConfig:
     image_size: int = 64
     n_train: int = 12288
     n_captions: int = 3
+    group_size: int = 1  # >1: hard-negative groups (a base scene, variants changing shape, count, effect, colour)
     steps: int = 400
     batch_size: int = 128
     lr: float = 2e-3
@@ -87,12 +94,14 @@ def train_tiny_clip(config: TinyClipConfig, log_every_n_steps: int = 50) -> Tiny
     """Render `n_train` scenes, train for `steps` with ClipLoss through Lightning; return the module."""
     L.seed_everything(config.seed, workers=True, verbose=False)
     started = time.perf_counter()
-    images, records = render_scenes(_split_rng(config.seed, "clip-train"), config.n_train, config.image_size)
+    images, records = render_hard_negative_scenes(_split_rng(config.seed, "clip-train"), config.n_train,
+                                                  config.image_size, config.group_size)
     tokenizer = open_clip.get_tokenizer(config.model_name)
     dataset = CaptionedScenes(images, records, tokenizer, config.n_captions, seed=config.seed)
     log.info("rendered %d training scenes in %.0f s", len(dataset), time.perf_counter() - started)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, num_workers=0,
-                        generator=torch.Generator().manual_seed(config.seed))
+    sampler = GroupBatchSampler(len(dataset), config.group_size, config.batch_size,
+                                torch.Generator().manual_seed(config.seed))
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0)
     module = TinyClipModule(config.model_name, lr=config.lr, weight_decay=config.weight_decay,
                             warmup_steps=config.warmup_steps, max_steps=config.steps,
                             log_every_n_steps=log_every_n_steps)
