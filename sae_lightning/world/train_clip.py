@@ -65,6 +65,8 @@ class TinyClipConfig:
         out = dataclasses.asdict(self)
         out["model_config"] = open_clip.get_model_config(self.model_name)
         out["scene_version"] = SCENE_VERSION
+        if self.group_size == 1:  # no hard negatives: the same data and batches as before the field existed
+            del out["group_size"]
         return out
 
     def digest(self) -> str:
@@ -99,9 +101,13 @@ def train_tiny_clip(config: TinyClipConfig, log_every_n_steps: int = 50) -> Tiny
     tokenizer = open_clip.get_tokenizer(config.model_name)
     dataset = CaptionedScenes(images, records, tokenizer, config.n_captions, seed=config.seed)
     log.info("rendered %d training scenes in %.0f s", len(dataset), time.perf_counter() - started)
-    sampler = GroupBatchSampler(len(dataset), config.group_size, config.batch_size,
-                                torch.Generator().manual_seed(config.seed))
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0)
+    generator = torch.Generator().manual_seed(config.seed)
+    if config.group_size == 1:
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=True, num_workers=0,
+                            generator=generator)
+    else:
+        sampler = GroupBatchSampler(len(dataset), config.group_size, config.batch_size, generator)
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0)
     module = TinyClipModule(config.model_name, lr=config.lr, weight_decay=config.weight_decay,
                             warmup_steps=config.warmup_steps, max_steps=config.steps,
                             log_every_n_steps=log_every_n_steps)
