@@ -17,7 +17,7 @@ install: $(STAMP)
 demo: $(STAMP)  ## train the demo SAE offline on CPU (a fresh outputs/demo each time), then evaluate it
 	rm -rf outputs/demo
 	$(PY) train.py experiment=demo hydra.run.dir=outputs/demo
-	$(PY) evaluate.py run=outputs/demo num_workers=2 contrastive_batch_size=256
+	$(PY) evaluate.py run=outputs/demo num_workers=2
 
 explore: $(STAMP)  ## the SAE Explorer on the demo run (after make demo): http://localhost:8501
 	$(PY) -m sae_lightning.explorer run=outputs/demo
