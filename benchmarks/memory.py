@@ -58,10 +58,10 @@ def tree_pss_kib(pid: int) -> int:
 
 def streaming_run(shards: str, n_images: int, work: Path) -> dict[str, float]:
     """Train the demo config on `shards` for one pass of `n_images`; peak memory and wall time."""
-    cmd = [sys.executable, "train.py", "experiment=demo", f"paths.data_dir={work}",
+    cmd = [sys.executable, "train.py", "experiment=demo", "backbone=tiny", f"paths.data_dir={work}",
            f"hydra.run.dir={work / f'run-{n_images}'}", f"data.train_shards='{shards}'", "data.val_shards=null",
            f"max_steps={n_images // BATCH}", "trainer.enable_progress_bar=false",
-           "callbacks.model_checkpoint.every_n_train_steps=1000000"]  # same checkpoint work at every size
+           "schedule.checkpoint_every=1000000000"]  # same checkpoint work at every size
     log_path = work / f"run-{n_images}.log"
     start, peak_main, peak_tree = time.perf_counter(), 0, 0
     with open(log_path, "wb") as log:

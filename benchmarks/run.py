@@ -40,7 +40,11 @@ def quiet() -> None:
 def run_part(name: str, quick: bool, gpu_requested: bool) -> Section:
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     print(f"[bench] {name} ...", flush=True)
-    section = gpu.run(quick, measure=gpu_requested) if name == "gpu" else CPU_PARTS[name](quick)
+    try:
+        section = gpu.run(quick, measure=gpu_requested) if name == "gpu" else CPU_PARTS[name](quick)
+    except Exception as err:  # noqa: BLE001 - one broken part must not lose the others' figures
+        print(f"[bench] {name} FAILED: {type(err).__name__}: {err}", flush=True)
+        section = Section(f"{name} (failed)", f"This part failed: `{type(err).__name__}: {str(err)[:500]}`")
     elapsed = time.perf_counter() - start
     print(f"[bench] {name} done in {elapsed:.0f} s", flush=True)
     # Other processes' load skews timings on a shared machine: say how busy it was.
