@@ -2,7 +2,7 @@
 
 The floor is the time the matrix multiplies alone would take at the matrix rate measured on the same GPU:
 148.5 GFLOP per image for ViT-L/14's first 22 blocks at 224 px, plus 805 MFLOP per token for the 64x SAE
-step (FIELD.md). Models are built without pretrained weights (same shapes and cost, no download). Runs
+step (the usual SAE FLOP count). Models are built without pretrained weights (same shapes and cost, no download). Runs
 only with `--gpu` on a machine where CUDA is available; otherwise the section says what it would measure.
 """
 

@@ -46,7 +46,7 @@ class StepCase:
         return self.d * self.expansion
 
     def mflop_per_token(self) -> float:
-        """Dense forward + backward: 4 d F forward, 8 d F backward (FIELD.md's 201 / 805 MFLOP at d=1024)."""
+        """Dense forward + backward per token: 4 d F forward, 8 d F backward (201 / 805 MFLOP at d=1024, 16x / 64x)."""
         return 12 * self.d * self.d_sae / 1e6
 
 

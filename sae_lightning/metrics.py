@@ -1,4 +1,4 @@
-"""torchmetrics metrics for SAE reconstructions (definitions: DESIGN section 6).
+"""torchmetrics metrics for SAE reconstructions (definitions: docs/metrics.md).
 
 States are float64 sums so the centred variance of a residual stream with a large mean stays exact, and
 they reduce correctly across DDP ranks.

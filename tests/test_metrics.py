@@ -1,4 +1,4 @@
-"""Metric definitions (DESIGN section 6) against hand computations, including accumulation over batches."""
+"""Metric definitions (docs/metrics.md) against hand computations, including accumulation over batches."""
 
 from __future__ import annotations
 

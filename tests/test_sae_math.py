@@ -1,4 +1,4 @@
-"""The SAE math of DESIGN section 5 against independent references written here.
+"""The SAE math of docs/training.md against independent references written here.
 
 Every expected value is computed in this file (per-sample loops, projection matrices, a generic optimiser),
 never with the helpers under test, and values *and* autograd gradients are compared in float64.
@@ -22,7 +22,7 @@ from sae_lightning.sae import functional as F_sae
 
 DT = torch.float64
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
-EPS = 1e-6  # DESIGN section 5: both the ghost-grad scale and the ghost rescale use 1e-6
+EPS = 1e-6  # docs/training.md: both the ghost-grad scale and the ghost rescale use 1e-6
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -31,7 +31,7 @@ EPS = 1e-6  # DESIGN section 5: both the ghost-grad scale and the ghost rescale 
 
 
 def reference_losses(x, W_enc, b_enc, W_dec, b_dec, dead_mask, l1_coefficient, normalised=True):
-    """(total, mse, l1, ghost) straight from DESIGN section 5, one sample and one feature at a time."""
+    """(total, mse, l1, ghost) straight from docs/training.md, one sample and one feature at a time."""
     n, d = x.shape
     n_features = W_enc.shape[1]
     dead_idx = [i for i in range(n_features) if dead_mask is not None and bool(dead_mask[i])]

@@ -25,7 +25,7 @@ from sae_lightning.sae.io import WEIGHTS_FILENAME
 
 log = logging.getLogger(__name__)
 
-ULTRA_RARE_DENSITY = 1e-5  # DESIGN section 6: ultra-rare = density < 1e-5
+ULTRA_RARE_DENSITY = 1e-5  # docs/metrics.md: ultra-rare = density < 1e-5
 SEED_CONTRASTIVE_BATCH = 1024
 
 

@@ -1,4 +1,4 @@
-"""Streaming reconstruction metrics of DESIGN section 6 over hooked tokens (rows of [N, d]).
+"""Streaming reconstruction metrics of docs/metrics.md over hooked tokens (rows of [N, d]).
 
 Reuses the training metrics (sae_lightning.metrics) and the loss's own mse so evaluation and training can
 never define them differently; mse sums are float64 like the metrics' states.

@@ -1,4 +1,4 @@
-"""The seed's SAE math (DESIGN section 5), shared by every architecture and by the tests' references.
+"""The seed's SAE math (docs/training.md), shared by every architecture and by the tests' references.
 
 Kept as plain functions on tensors so each formula can be read, and checked, in one place.
 """
