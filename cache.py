@@ -1,0 +1,36 @@
+"""Write an activation cache: the training shards through the frozen backbone once (docs/format-activations.md).
+
+    python cache.py experiment=demo                       # the demo's backbone, shards, layer and tokens
+    python cache.py layer=20 tokens=all cache.dtype=bf16 cache.dir=/data/cache/l20-all
+    python train.py data=cache data.path=/data/cache/l20-all   # train from it (no backbone)
+
+Rerun the same command after an interruption to continue; overwrite=true replaces a cache of another config.
+"""
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from sae_lightning.config import register_resolvers
+from sae_lightning.data.cache_write import CacheWriter
+from sae_lightning.training import quiet_console
+
+register_resolvers()
+log = logging.getLogger("cache")
+
+
+@hydra.main(config_path="conf", config_name="cache", version_base="1.3")
+def main(cfg: DictConfig) -> int:
+    quiet_console()
+    try:
+        return CacheWriter(cfg).run()
+    except (ValueError, FileNotFoundError) as err:  # a clear, actionable refusal (CacheError included)
+        log.error("%s", err)
+        return 2
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.exit(code or 0)

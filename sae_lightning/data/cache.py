@@ -1,0 +1,292 @@
+"""`data=cache`: SAE batches from an activation cache written by `python cache.py` (no backbone).
+
+The cache's rows are cut into blocks of `block_rows` rows (never across files). Each epoch the blocks are
+drawn in a seeded permutation; `window_blocks` consecutive blocks of it (from any files) are loaded together
+and their rows permuted, and the epoch's stream is these permuted windows one after another. The stream of
+SAE batches is every `sae_batch_size` rows of it, epoch after epoch, with nothing dropped (a batch may take
+the end of one window and the start of the next). At most one window plus one batch of rows is in memory.
+
+Why no on-device shuffle buffer here: the image path's buffer draws from a device RNG and holds 15,360
+activations, so replaying it would mean checkpointing its contents. The cache path instead makes the whole
+batch sequence a pure function of (seed, rank, world size, position in rows): the window permutation is the
+shuffle, the checkpoint stores only the position, and a resumed run rebuilds exactly the batches the
+interrupted one would have seen. Each DDP rank reads its own share of every epoch's blocks (rank r takes
+blocks r, r + world_size, ... of the permutation). Format and knobs: docs/format-activations.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import LightningDataModule
+from safetensors import SafetensorError, safe_open
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from sae_lightning.data.cache_format import CacheError, check_cache, read_manifest
+
+log = logging.getLogger(__name__)
+
+POSITION_VERSION = 1
+# What makes two runs' batch streams the same: a resume that changes any of these is not exact.
+STREAM_KEYS = ("seed", "shuffle", "block_rows", "window_blocks", "world_size", "config_hash", "total_rows")
+
+
+def _generator(*parts: int) -> torch.Generator:
+    """A CPU generator seeded from the parts (numpy's SeedSequence: stable across versions and platforms)."""
+    seed = int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, dtype=np.uint32).view(np.uint64)[0])
+    return torch.Generator().manual_seed(seed >> 1)
+
+
+class CacheStream(IterableDataset):
+    """An endless stream of `{"activations": [N, d]}` batches (storage dtype) from a cache's shard files.
+
+    Batch k of rank `rank` holds rows [start_row + k N, start_row + (k + 1) N) of that rank's stream (module
+    docstring); with `init_rows`, the first batch also carries `init_activations`, the stream's first
+    `init_rows` rows (b_dec initialisation). DataLoader worker w of W yields the batches k = w mod W, so the
+    loader's round-robin order is the stream's. `max_resident` records the most rows held at once (one window
+    plus the part of a batch gathered so far) in the process that iterates.
+    """
+
+    def __init__(self, files: list[str], rows: list[int], batch_size: int, block_rows: int, window_blocks: int,
+                 shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, start_row: int = 0,
+                 init_rows: int = 0):
+        self.files, self.batch_size, self.window_blocks = files, batch_size, window_blocks
+        self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
+        self.start_row, self.init_rows = start_row, init_rows
+        self.blocks = [(f, a, min(a + block_rows, n)) for f, n in enumerate(rows) for a in range(0, n, block_rows)]
+        if len(self.blocks) < world_size:
+            raise CacheError(f"the cache has {len(self.blocks)} block(s) of data.block_rows={block_rows} rows for "
+                             f"{world_size} processes: lower data.block_rows so every rank gets rows.")
+        self.max_resident = 0
+
+    def epoch_blocks(self, epoch: int) -> list[int]:
+        """This rank's blocks in epoch `epoch`, in the order they are read."""
+        n = len(self.blocks)
+        order = torch.randperm(n, generator=_generator(self.seed, epoch)) if self.shuffle else torch.arange(n)
+        return order[self.rank::self.world_size].tolist()
+
+    def windows(self, epoch: int) -> list[list[int]]:
+        blocks = self.epoch_blocks(epoch)
+        return [blocks[i: i + self.window_blocks] for i in range(0, len(blocks), self.window_blocks)]
+
+    def window_rows(self, window: list[int]) -> int:
+        return sum(self.blocks[b][2] - self.blocks[b][1] for b in window)
+
+    def window_order(self, epoch: int, index: int, n: int) -> torch.Tensor:
+        """The permutation [n] of window `index`'s rows (identity without shuffle)."""
+        if not self.shuffle:
+            return torch.arange(n)
+        return torch.randperm(n, generator=_generator(self.seed, epoch, index, self.rank))
+
+    def row_ids(self, window: list[int]) -> torch.Tensor:
+        """[n, 2] (file index, row in file) of a window's rows before permutation (for tests and tools)."""
+        return torch.cat([torch.stack([torch.full((b - a,), f), torch.arange(a, b)], 1)
+                          for f, a, b in (self.blocks[i] for i in window)])
+
+    def load(self, window: list[int]) -> torch.Tensor:
+        """The [n, d] rows of a window's blocks, read from their files (only those rows are read)."""
+        parts = []
+        for file_index, start, stop in (self.blocks[b] for b in window):
+            path = self.files[file_index]
+            try:
+                with safe_open(path, framework="pt") as handle:
+                    parts.append(handle.get_slice("activations")[start:stop])
+            except (SafetensorError, OSError) as err:
+                raise CacheError(f"cache shard {path} cannot be read ({err}). Rerun the `python cache.py ...` "
+                                 f"command that wrote the cache: it verifies the files and rewrites bad ones.") from err
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def segments(self, start_row: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(window rows [n, d], the order of the rows still to serve) from the window holding `start_row` on."""
+        epoch, offset = 0, start_row
+        while True:
+            for index, window in enumerate(self.windows(epoch)):
+                n = self.window_rows(window)
+                if offset >= n:
+                    offset -= n
+                    continue
+                data = self.load(window)
+                order = self.window_order(epoch, index, n)[offset:]
+                offset = 0
+                yield data, order
+                del data, order  # freed before the next window is read
+            epoch += 1
+
+    def batches(self, mine=lambda k: True) -> Iterator[torch.Tensor]:
+        """Every batch from `start_row` on; batches k with mine(k) false are skipped without being gathered."""
+        segments = self.segments(self.start_row)
+        data = order = None
+        offset, k = 0, 0
+        while True:
+            parts, need, wanted = [], self.batch_size, mine(k)
+            while need:
+                if order is None or offset == len(order):
+                    data = order = None
+                    data, order = next(segments)
+                    offset = 0
+                take = min(need, len(order) - offset)
+                if wanted:
+                    parts.append(data[order[offset: offset + take]])
+                offset += take
+                need -= take
+                self.max_resident = max(self.max_resident, len(data) + sum(len(p) for p in parts))
+            k += 1
+            if wanted:
+                yield parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def first_rows(self, n: int) -> torch.Tensor:
+        """The stream's first `n` rows [n, d] (they repeat if an epoch of this rank holds fewer)."""
+        out, need = [], n
+        for data, order in self.segments(0):
+            take = min(need, len(order))
+            out.append(data[order[:take]])
+            need -= take
+            if not need:
+                break
+        return torch.cat(out)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for k, rows in enumerate(self.batches(lambda k: k % workers == worker)):
+            batch = {"activations": rows}
+            if k == 0 and worker == 0 and self.init_rows and self.start_row == 0:
+                batch["init_activations"] = self.first_rows(self.init_rows)
+            yield batch
+
+
+class CacheDataModule(LightningDataModule):
+    """An activation cache directory -> seeded cross-shard shuffle -> SAE batches `{"activations": [N, d]}`.
+
+    `buffer_size` rows of the stream's start go to the module once, as `init_activations` (b_dec
+    initialisation, as the image path's first full buffer). `verify` checks every file's sha256 at start
+    (reads the whole cache); sizes are always checked. `state_dict` holds the position in rows, so a
+    resumed run continues the same batch sequence exactly (module docstring).
+    """
+
+    def __init__(self, path: str | Path | None, sae_batch_size: int = 1024, buffer_size: int = 15360,
+                 block_rows: int = 2048, window_blocks: int = 32, shuffle: bool | int = True, num_workers: int = 1,
+                 pin_memory: bool = False, verify: bool = False, seed: int = 0):
+        super().__init__()
+        for name, value, low in (("sae_batch_size", sae_batch_size, 1), ("buffer_size", buffer_size, 0),
+                                 ("block_rows", block_rows, 1), ("window_blocks", window_blocks, 1),
+                                 ("num_workers", num_workers, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"data.{name}={value!r}: must be an integer >= {low}.")
+        if not path:
+            raise CacheError("data.path is not set: point it at a directory written by `python cache.py`, e.g. "
+                             "python train.py data=cache data.path=data/cache (or export SAE_CACHE=...).")
+        self.path = Path(str(path)).expanduser().resolve()
+        self.manifest = read_manifest(self.path)
+        check_cache(self.path, self.manifest, full=verify)
+        self.sae_batch_size, self.buffer_size = sae_batch_size, buffer_size
+        self.block_rows, self.window_blocks = block_rows, window_blocks
+        self.shuffle, self.num_workers, self.pin_memory, self.seed = bool(shuffle), num_workers, pin_memory, seed
+        self.files = [str(self.path / s["file"]) for s in self.manifest["shards"]]
+        self.rows = [int(s["rows"]) for s in self.manifest["shards"]]
+        self.rows_served = 0  # this rank's position in its stream: rows handed to training steps
+        self.activations_seen = 0
+        self.stream: CacheStream | None = None
+        if buffer_size > self.manifest["total_rows"]:
+            log.warning("data.buffer_size=%d is more than the cache's %d rows: b_dec is initialised from rows that "
+                        "repeat.", buffer_size, self.manifest["total_rows"])
+
+    @property
+    def d_in(self) -> int:
+        return int(self.manifest["d_in"])
+
+    @property
+    def tokens_per_image(self) -> int:
+        return int(self.manifest["tokens_per_image"])
+
+    @property
+    def layer(self) -> int:
+        return int(self.manifest["layer"])
+
+    @property
+    def tokens(self) -> str:
+        return str(self.manifest["tokens"])
+
+    @property
+    def images_seen(self) -> int:
+        """Activations seen, in images' worth (rows of one image are spread over many batches)."""
+        return self.activations_seen // self.tokens_per_image
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def stream_settings(self) -> dict[str, Any]:
+        return {"seed": self.seed, "shuffle": self.shuffle, "block_rows": self.block_rows,
+                "window_blocks": self.window_blocks, "world_size": self._world()[1],
+                "config_hash": self.manifest["config_hash"], "total_rows": self.manifest["total_rows"]}
+
+    def make_stream(self, start_row: int = 0, rank: int = 0, world_size: int = 1) -> CacheStream:
+        return CacheStream(self.files, self.rows, self.sae_batch_size, self.block_rows, self.window_blocks,
+                           self.shuffle, self.seed, rank, world_size, start_row,
+                           self.buffer_size if start_row == 0 else 0)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world_size = self._world()
+        self.stream = self.make_stream(self.rows_served, rank, world_size)
+        if self.rows_served:
+            log.info("Resuming the cache stream at row %d of rank %d (%d epochs of its rows).", self.rows_served,
+                     rank, self.rows_served // max(1, self.manifest["total_rows"] // world_size))
+        return DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                          persistent_workers=False)
+
+    def on_after_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, torch.Tensor]:
+        """Rows to fp32 on the device they landed on; count them (this batch is the one trained next)."""
+        x = batch["activations"].float()
+        self.rows_served += x.shape[0]
+        self.activations_seen += x.shape[0]
+        out = {"activations": x}
+        if "init_activations" in batch:
+            out["init_activations"] = batch["init_activations"].float()
+        return out
+
+    def cache_identity(self) -> dict[str, Any]:
+        keys = ("model", "pretrained", "layer", "tokens", "d_in", "config_hash")
+        return {k: self.manifest.get(k) for k in keys}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": POSITION_VERSION, "rows_served": self.rows_served,
+                "activations_seen": self.activations_seen, "stream": self.stream_settings(),
+                "cache": self.cache_identity()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("version") != POSITION_VERSION:
+            raise ValueError(f"checkpoint cache position version {state_dict.get('version')!r} is not "
+                             f"{POSITION_VERSION}: written by another version of sae_lightning.")
+        self.rows_served = int(state_dict["rows_served"])
+        self.activations_seen = int(state_dict.get("activations_seen", self.rows_served))
+        old, new = state_dict.get("stream", {}), self.stream_settings()
+        changed = {k: (old.get(k), new[k]) for k in STREAM_KEYS if old.get(k) != new[k]}
+        if changed:
+            log.warning("Resuming at row %d with a different stream (%s): the batches from here differ from the "
+                        "ones the interrupted run would have seen (not an exact resume).", self.rows_served,
+                        ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+    def check_resume(self, ckpt_path: str | Path) -> None:
+        """Before training: refuse a checkpoint whose SAE was trained on other activations than this cache's."""
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        d_ins = {int(v.shape[0]) for k, v in state.get("state_dict", {}).items() if k.endswith("W_enc")}
+        if d_ins and d_ins != {self.d_in}:
+            raise CacheError(f"ckpt_path={str(ckpt_path)!r} holds an SAE trained on d_in={sorted(d_ins)[0]} "
+                             f"activations, but data.path={str(self.path)!r} holds d={self.d_in} "
+                             f"({self.manifest['model']} layer {self.manifest['layer']}, {self.manifest['tokens']} "
+                             f"tokens). Resume with the cache the run was trained on, or start a new run.")
+        old = (state.get(type(self).__qualname__) or {}).get("cache")
+        if old:
+            fields = ("model", "pretrained", "layer", "tokens")
+            changed = [f"{k}: {old.get(k)!r} in the checkpoint, {self.manifest.get(k)!r} now" for k in fields
+                       if old.get(k) != self.manifest.get(k)]
+            if changed:
+                raise CacheError(f"data.path={str(self.path)!r} holds activations of another model or layer than the "
+                                 f"run in {ckpt_path} was trained on ({'; '.join(changed)}). Resume with the cache "
+                                 f"the run was trained on, or start a new run.")
