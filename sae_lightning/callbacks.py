@@ -40,23 +40,33 @@ def density_figure(density: torch.Tensor, title: str) -> plt.Figure:
     return fig
 
 
+def sae_members(trainer: Trainer, pl_module: LightningModule) -> list[tuple[str | None, LightningModule, list]]:
+    """(name, module, loggers) of every SAE trained: one (None, module, trainer.loggers) for a single-SAE run,
+    one per member with its own loggers (its own TensorBoard run) for MultiSAETrainingModule."""
+    if hasattr(pl_module, "members"):
+        return [(name, m, m.sae_loggers if m.sae_loggers is not None else trainer.loggers)
+                for name, m in pl_module.members()]
+    return [(None, pl_module, trainer.loggers)]
+
+
 class DensityHistogramCallback(Callback):
     """Every feature-sampling window: the feature-density histogram, as a histogram and a figure."""
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        density = getattr(pl_module, "density_ready", None)
-        if density is None:
-            return
-        pl_module.density_ready = None
-        step = trainer.global_step
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                writer = logger.experiment
-                writer.add_histogram("features/log10_density", log10_density(density.float().cpu()), step)
-                fig = density_figure(density, f"Feature density over the window ending at step {step}")
-                writer.add_figure("features/log10_density_plot", fig, step)
-                plt.close(fig)
+        for _, module, loggers in sae_members(trainer, pl_module):
+            density = getattr(module, "density_ready", None)
+            if density is None:
+                continue
+            module.density_ready = None
+            step = trainer.global_step
+            for logger in loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    writer = logger.experiment
+                    writer.add_histogram("features/log10_density", log10_density(density.float().cpu()), step)
+                    fig = density_figure(density, f"Feature density over the window ending at step {step}")
+                    writer.add_figure("features/log10_density_plot", fig, step)
+                    plt.close(fig)
 
 
 def stop_signal_name(trainer: Trainer) -> str:
@@ -245,17 +255,23 @@ class FinalHParamsCallback(Callback):
                "metrics/explained_variance_uncentred", "features/dead_features", "features/ultra_rare_features",
                "features/dense_features", "contrastive/score", "contrastive/loss_sae")
 
-    def __init__(self, hparams: dict[str, Any]):
+    def __init__(self, hparams: dict[str, Any], per_sae: dict[str, dict[str, Any]] | None = None):
         self.hparams = hparams
+        self.per_sae = per_sae or {}  # a multi-SAE run: each member's own flattened config
 
     def _write(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        metrics = getattr(pl_module, "last_metrics", {})
-        final = {f"final/{k.split('/')[-1]}": v for k, v in metrics.items() if k in self.METRICS}
-        final["final/step"] = float(trainer.global_step)
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.log_hyperparams(self.hparams, metrics=final, step=trainer.global_step)
-                logger.experiment.flush()
+        for name, module, loggers in sae_members(trainer, pl_module):
+            metrics = getattr(module, "last_metrics", {})
+            final = {f"final/{k.split('/')[-1]}": v for k, v in metrics.items() if k in self.METRICS}
+            final["final/step"] = float(trainer.global_step)
+            stopped = getattr(pl_module, "stopped_info", {}).get(name) if name is not None else None
+            if name is not None:
+                final["final/stopped_step"] = float(stopped["step"]) if stopped else -1.0
+            hparams = self.per_sae.get(name, self.hparams) if name is not None else self.hparams
+            for logger in loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.log_hyperparams(hparams, metrics=final, step=trainer.global_step)
+                    logger.experiment.flush()
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.is_global_zero:

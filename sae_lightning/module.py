@@ -91,6 +91,11 @@ class SAETrainingModule(LightningModule):
         self._first_buffer_seen_host = False  # a host copy, so the hot path never reads the device flag
         self._last_batch: torch.Tensor | None = None  # the latest step's inputs [N, d], for health checks
         self._compiled_loss = torch.compile(sae.loss) if compile else None
+        # set by MultiSAETrainingModule for its members: their own optimiser and schedule (stepped without
+        # Lightning's step counting), loggers (their own TensorBoard run) and a sink for callback metrics
+        self.bound_optimizer: tuple[Any, Any] | None = None
+        self.sae_loggers: list | None = None
+        self.metric_sink: Any = None
 
     def configure_optimizers(self) -> dict[str, Any]:
         # fused: one kernel per step, and it honours `found_inf` on the device (a skipped step changes nothing)
@@ -155,7 +160,17 @@ class SAETrainingModule(LightningModule):
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+    def _optimizer(self) -> Any:
+        return self.bound_optimizer[0] if self.bound_optimizer is not None else self.optimizers()
+
+    def _scheduler(self) -> Any:
+        return self.bound_optimizer[1] if self.bound_optimizer is not None else self.lr_schedulers()
+
+    def _loggers(self) -> list:
+        return self.sae_loggers if self.sae_loggers is not None else self.loggers
+
+    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """The SAE's inputs [N, d] (scaled), after the first-buffer statistics; None while the buffer fills."""
         x = batch["activations"]
         if x.shape[0] == 0:
             return None  # the shuffle buffer is still filling
@@ -165,22 +180,28 @@ class SAETrainingModule(LightningModule):
             self._first_buffer_seen_host = True
         if self.hparams.normalize_activations != "none":
             x = x * self.activation_scale
-        optimizer = self.optimizers()
-        scheduler = self.lr_schedulers()
-        step = self.global_step  # this step's index (global_step counts it once the optimiser has stepped)
+        return x
 
+    def forward_loss(self, x: torch.Tensor) -> Any:
+        """Renormalise the decoder rows, then the SAE's loss on x [N, d] (with the dead-feature mask)."""
         F_sae.normalise_decoder_rows(self.sae.W_dec)
-        out = (self._compiled_loss or self.sae.loss)(x, dead_mask=self.dead_mask())
-        optimizer.zero_grad(set_to_none=True)
-        self.manual_backward(out.total)
+        return (self._compiled_loss or self.sae.loss)(x, dead_mask=self.dead_mask())
+
+    def apply_step(self, x: torch.Tensor, out: Any, step: int, force_skip: bool = False) -> None:
+        """After backward: project the decoder gradient, Adam (skipped on the device when non-finite), warm-up
+        schedule, dead-feature counters. `force_skip`: change nothing (a stopped member of a multi-SAE run)."""
+        optimizer, scheduler = self._optimizer(), self._scheduler()
         F_sae.remove_parallel_gradient(self.sae.W_dec)
         skip = self._non_finite(out.total.detach())
-        optimizer.optimizer.found_inf = skip  # fused Adam leaves parameters and moments as they are when 1
+        if force_skip:
+            skip = torch.ones_like(skip)
+        getattr(optimizer, "optimizer", optimizer).found_inf = skip  # fused Adam changes nothing when 1
         optimizer.step()
         scheduler.step()
 
         with torch.no_grad():
-            self._record_skip(skip, x, step)
+            if not force_skip:
+                self._record_skip(skip, x, step)
             n_inputs = x.shape[0]
             fire_counts = (out.feature_acts > 0).sum(0)
             if self.trainer.world_size > 1:  # the same dead features (ghost grads) on every rank
@@ -191,11 +212,26 @@ class SAETrainingModule(LightningModule):
             self.steps_since_fired.copy_(torch.where(keep, self.steps_since_fired, advanced))
             self.window_density.update(fire_counts * (1 - skip).to(fire_counts.dtype), n_inputs)
         self._last_batch = x.detach()
+
+    def after_step(self, x: torch.Tensor, out: Any) -> None:
+        """Once the step is counted: the density window, and every `log_every_n_steps` the health check
+        (raises TrainingDiverged) and the logged scalars."""
         if self.global_step % self.hparams.feature_sampling_window == 0:
             self.close_density_window()
         if self.global_step % self.trainer.log_every_n_steps == 0:
             self.check_health()
             self.log_step(x, out)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        x = self.prepare_batch(batch)
+        if x is None:
+            return None
+        step = self.global_step  # this step's index (global_step counts it once the optimiser has stepped)
+        out = self.forward_loss(x)
+        self._optimizer().zero_grad(set_to_none=True)
+        self.manual_backward(out.total)
+        self.apply_step(x, out, step)
+        self.after_step(x, out)
         return out.total.detach()
 
     @torch.no_grad()
@@ -281,7 +317,7 @@ class SAETrainingModule(LightningModule):
         for name in self.RESAMPLED_BIASES:
             if isinstance(getattr(sae, name, None), torch.Tensor):
                 getattr(sae, name).masked_fill_(dead, 0.0)
-        optimizer = self.optimizers()
+        optimizer = self._optimizer()
         optimizer = getattr(optimizer, "optimizer", optimizer)
         for name, param in sae.named_parameters():
             mask = {"W_enc": dead[None, :], "W_dec": dead[:, None]}.get(name, dead if param.shape == dead.shape
@@ -316,7 +352,7 @@ class SAETrainingModule(LightningModule):
             "metrics/explained_variance_uncentred": self.explained_variance_uncentred.compute(),
             "features/ghost_grad_features": dead.sum() if dead is not None else 0.0,
             "features/dead_in_window": (self.steps_since_fired > self.hparams.dead_feature_window).sum(),
-            "lr": self.lr_schedulers().get_last_lr()[0],
+            "lr": self._scheduler().get_last_lr()[0],
         }
         for metric in (self.explained_variance, self.explained_variance_uncentred, self.l0):
             metric.reset()
@@ -336,6 +372,209 @@ class SAETrainingModule(LightningModule):
         """
         scalars = {k: float(v) for k, v in values.items()}
         self.last_metrics.update(scalars)
-        for logger in self.loggers:
+        for logger in self._loggers():
             logger.log_metrics(scalars, step=self.global_step)
-        self.log_dict(scalars, logger=False, on_step=True, on_epoch=False, batch_size=1)
+        if self.metric_sink is not None:  # a member of a multi-SAE run: the run logs them under <name>/
+            self.metric_sink(scalars)
+        else:
+            self.log_dict(scalars, logger=False, on_step=True, on_epoch=False, batch_size=1)
+
+
+class MultiSAETrainingModule(LightningModule):
+    """Trains several SAEs on the same activation stream: every member sees exactly the same batches.
+
+    Each member is a full `SAETrainingModule` (its own SAE, fused-Adam optimiser, warm-up schedule,
+    dead-feature counters, density window, health check, loggers); this module only runs them side by side.
+    One backward pass goes through the sum of the members' losses: the members share no parameter, so every
+    member gets exactly the gradient its own loss gives (a non-finite loss in one member reaches no other).
+    Each member's optimiser skips its own non-finite steps on the device, so the step stays free of host
+    reads. A member whose health check fails (non-finite step, non-finite parameters, divergence) is
+    *stopped*: it takes no further step, is no longer exported (its folder keeps its last healthy export)
+    and `training_stopped.json` in its folder says when and why; the others train on. Only when every
+    member has stopped does the run stop (TrainingDiverged).
+
+    Checkpoints hold every member (state dict `saes.<name>.*`, one optimiser and scheduler state per member
+    in `names` order) and which members stopped; `export_sae(directory)` writes `<directory>/<name>/`.
+    """
+
+    STOPPED_FILE = "training_stopped.json"
+
+    def __init__(self, members: dict[str, SAETrainingModule], resolved_configs: dict[str, str] | None = None):
+        super().__init__()
+        if not members:
+            raise ValueError("MultiSAETrainingModule needs at least one SAE")
+        self.automatic_optimization = False
+        self.names = list(members)
+        self.saes = torch.nn.ModuleDict(members)
+        self.resolved_configs = dict(resolved_configs or {})  # name -> the member's resolved config (YAML text)
+        self.register_buffer("stopped", torch.zeros(len(members), dtype=torch.bool))
+        self.stopped_info: dict[str, dict[str, Any]] = {}  # name -> {"step", "reason"}
+        self._stopped_host: list[bool] | None = None  # a host copy, read from `stopped` once per fit
+        self.export_directory: Any = None  # train.py: where the members' folders are (for training_stopped.json)
+        self.run_config: dict | None = None
+        self.last_metrics: dict[str, float] = {}
+        for name, member in members.items():
+            member.metric_sink = self._sink(name)
+
+    def members(self) -> list[tuple[str, SAETrainingModule]]:
+        return [(name, self.saes[name]) for name in self.names]
+
+    def running(self) -> list[tuple[str, SAETrainingModule]]:
+        stopped = self._stopped()
+        return [(name, m) for i, (name, m) in enumerate(self.members()) if not stopped[i]]
+
+    def _stopped(self) -> list[bool]:
+        if self._stopped_host is None:
+            self._stopped_host = [bool(s) for s in self.stopped.tolist()]
+        return self._stopped_host
+
+    def _sink(self, name: str):
+        def sink(scalars: dict[str, float]) -> None:
+            prefixed = {f"{name}/{k}": v for k, v in scalars.items()}
+            self.last_metrics.update(prefixed)
+            self.log_dict(prefixed, logger=False, on_step=True, on_epoch=False, batch_size=1)
+        return sink
+
+    def setup(self, stage: str) -> None:
+        for _, member in self.members():  # Lightning hands the trainer to direct children only
+            member.trainer = self.trainer
+
+    def configure_optimizers(self) -> tuple[list, list]:
+        optimizers, schedulers = [], []
+        for _, member in self.members():
+            config = member.configure_optimizers()
+            optimizers.append(config["optimizer"])
+            schedulers.append(config["lr_scheduler"])
+        return optimizers, schedulers
+
+    def _bind_optimizers(self) -> None:
+        """Each member steps its own torch optimiser directly: Lightning counts one step per batch (below)."""
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        for (_, member), optimizer, scheduler in zip(self.members(), optimizers, schedulers):
+            member.bound_optimizer = (getattr(optimizer, "optimizer", optimizer), scheduler)
+
+    def _count_step(self) -> None:
+        """One global step for the batch (N optimisers stepped directly would not be counted by Lightning)."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def _distributed(self) -> bool:
+        return self._trainer is not None and self.trainer.world_size > 1 and dist.is_available() \
+            and dist.is_initialized()
+
+    def on_fit_start(self) -> None:
+        self._stopped_host = None
+        self._bind_optimizers()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        if batch["activations"].shape[0] == 0:
+            return None  # the shuffle buffer is still filling
+        # under DDP every member takes part in the backward (DDP expects every parameter's gradient);
+        # a stopped one is then forced to skip its step, else it is left out
+        stopped = self._stopped()
+        active = [(i, name, m) for i, (name, m) in enumerate(self.members())
+                  if not stopped[i] or self._distributed()]
+        if self.saes[self.names[0]].bound_optimizer is None:
+            self._bind_optimizers()
+        step = self.global_step
+        xs, outs = {}, {}
+        for _, name, member in active:
+            xs[name] = member.prepare_batch(batch)
+            outs[name] = member.forward_loss(xs[name])
+            member._optimizer().zero_grad(set_to_none=True)
+        total = torch.stack([outs[name].total for _, name, _ in active]).sum()
+        self.manual_backward(total)
+        for i, name, member in active:
+            member.apply_step(xs[name], outs[name], step, force_skip=stopped[i])
+        self._count_step()
+        for i, name, member in active:
+            if stopped[i]:
+                continue
+            try:
+                member.after_step(xs[name], outs[name])
+            except TrainingDiverged as err:
+                self._stop(name, err)
+        self._all_stopped_check()
+        return total.detach()
+
+    def _stop(self, name: str, err: Exception) -> None:
+        """Stop one member: no further step or export; the reason goes to the log and its folder."""
+        index = self.names.index(name)
+        self.stopped[index] = True
+        self._stopped()[index] = True
+        reason = str(err)
+        self.stopped_info[name] = {"step": int(self.global_step), "reason": reason}
+        log.error("SAE %r stopped at step %d, the others train on: %s", name, self.global_step, reason)
+        self._write_stopped(name)
+
+    def _write_stopped(self, name: str) -> None:
+        if self.export_directory is None or (self._trainer is not None and not self.trainer.is_global_zero):
+            return
+        import json
+        from pathlib import Path
+
+        from sae_lightning.sae.io import read_sae_step
+
+        folder = Path(self.export_directory) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            exported = read_sae_step(folder) if (folder / "cfg.json").is_file() else None
+        except Exception:  # noqa: BLE001 - an unreadable export is reported as none
+            exported = None
+        record = {**self.stopped_info[name], "format_version": 1, "name": name, "exported_step": exported}
+        tmp = folder / (self.STOPPED_FILE + ".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(folder / self.STOPPED_FILE)
+
+    def _all_stopped_check(self) -> None:
+        if all(self._stopped()):
+            lines = "\n".join(f"  {n}: {info['reason']}" for n, info in self.stopped_info.items())
+            raise TrainingDiverged(f"Training stopped: every SAE of the run stopped.\n{lines}")
+
+    @torch.no_grad()
+    def check_health(self) -> None:
+        """Each running member's health check; a failing one is stopped (raises only when all have stopped).
+
+        Under DDP the ranks agree (a member stops everywhere when it fails on any rank)."""
+        failed: dict[str, Exception] = {}
+        for name, member in self.running():
+            try:
+                member.check_health()
+            except TrainingDiverged as err:
+                failed[name] = err
+        if self._distributed():
+            flags = torch.tensor([name in failed for name in self.names], device=self.device, dtype=torch.uint8)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            for name, flag in zip(self.names, flags.tolist()):
+                if flag and name not in failed and name in dict(self.running()):
+                    failed[name] = TrainingDiverged("another rank's health check failed for this SAE")
+        for name, err in failed.items():
+            self._stop(name, err)
+        self._all_stopped_check()
+
+    def on_train_end(self) -> None:
+        self.check_health()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["sae_lightning_config"] = self.run_config
+        checkpoint["sae_lightning_stopped"] = dict(self.stopped_info)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.stopped_info = dict(checkpoint.get("sae_lightning_stopped") or {})
+        self._stopped_host = None
+
+    def export_sae(self, directory, step: int | None = None) -> None:
+        """Every running member to `<directory>/<name>/` (SAELens layout) with its `resolved.yaml`."""
+        from pathlib import Path
+
+        for name, member in self.running():
+            folder = Path(directory) / name
+            member.export_sae(folder, step=step)
+            if name in self.resolved_configs:
+                tmp = folder / "resolved.yaml.tmp"
+                tmp.write_text(self.resolved_configs[name])
+                tmp.replace(folder / "resolved.yaml")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -37,6 +38,85 @@ SEMANTIC_KEYS = ("backbone._target_", "backbone.name", "backbone.pretrained", "b
 # Run artefacts: a directory holding any of them holds a run.
 RUN_ARTEFACTS = ("checkpoints", "sae", "tensorboard")
 SIGNAL_EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal number, as a shell reports it
+# What one entry of `saes:` may set (docs/training.md, "Many SAEs per pass"): the rest is the run's, shared.
+VARIANT_KEYS = ("sae", "module", "l1_coefficient", "lr", "expansion", "schedule")
+VARIANT_SCHEDULE_KEYS = ("lr_warmup", "dead_feature_window", "feature_sampling_window")
+VARIANT_SEMANTIC_KEYS = ("expansion", "sae._target_", "sae.mse", "module.normalize_activations")
+SAE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,99}$")
+
+
+def sae_variants(cfg: DictConfig) -> dict[str, DictConfig] | None:
+    """The SAEs of a multi-SAE run (`saes:`), each as the full config a single run would have; None if none.
+
+    An entry overrides the run's `l1_coefficient`, `lr`, `expansion`, `module.*`, `schedule.lr_warmup`,
+    `schedule.dead_feature_window`, `schedule.feature_sampling_window` and `sae`: an `sae` node with a
+    `_target_` is a whole SAE config (an architecture from conf/sae/, composed into the entry with
+    `- /sae@saes.<name>.sae: topk` in an experiment's defaults list), without one it overrides knobs of
+    the run's `sae`. Interpolations resolve in the entry's own config (`${l1_coefficient}` is its l1).
+    """
+    saes = cfg.get("saes")
+    if saes is None:
+        return None
+    problems = []
+    if not isinstance(saes, DictConfig) or len(saes) == 0:
+        raise ValueError(f"saes={OmegaConf.to_container(saes) if OmegaConf.is_config(saes) else saes!r}: must be "
+                         "a mapping of named SAEs, e.g. saes: {{small: {{expansion: 4}}, large: {{expansion: 16}}}}, "
+                         "or null for one SAE")
+    base = OmegaConf.to_container(cfg, resolve=False)
+    base.pop("saes")
+    variants = {}
+    for name in saes:
+        entry = saes[name]
+        if not SAE_NAME_PATTERN.match(str(name)):
+            problems.append(f"saes.{name}: the name becomes a folder: use letters, digits and _ . = + - "
+                            "(starting with a letter or digit)")
+            continue
+        entry = {} if entry is None else OmegaConf.to_container(entry, resolve=False)
+        if not isinstance(entry, dict):
+            problems.append(f"saes.{name}={entry!r}: must be a mapping of overrides ({{}} for the run's own SAE)")
+            continue
+        unknown = sorted(set(entry) - set(VARIANT_KEYS))
+        if unknown:
+            problems.append(f"saes.{name}: {', '.join(unknown)} cannot differ between the SAEs of one run (they "
+                            f"share the data and the backbone); an entry may set {', '.join(VARIANT_KEYS)}")
+        bad_schedule = sorted(set(entry.get("schedule") or {}) - set(VARIANT_SCHEDULE_KEYS))
+        if bad_schedule:
+            problems.append(f"saes.{name}.schedule: {', '.join(bad_schedule)} is run-wide (one checkpoint holds "
+                            f"every SAE); an entry may set {', '.join(VARIANT_SCHEDULE_KEYS)}")
+        variant = OmegaConf.create(base)
+        sae_node = entry.pop("sae", None)
+        if isinstance(sae_node, dict) and "_target_" in sae_node:
+            variant.sae = sae_node
+        elif sae_node is not None:
+            if not isinstance(sae_node, dict):
+                problems.append(f"saes.{name}.sae={sae_node!r}: must be a mapping (SAE knobs, or a whole SAE "
+                                "config with _target_: compose one with `- /sae@saes.<name>.sae: topk`)")
+                continue
+            variant.sae = OmegaConf.merge(variant.sae, sae_node)
+        for key in set(entry) & set(VARIANT_KEYS):
+            variant[key] = OmegaConf.merge(variant[key], entry[key]) if isinstance(entry[key], dict) else entry[key]
+        variants[str(name)] = variant
+    if problems:
+        raise ValueError("Invalid saes (nothing was run):\n  - " + "\n  - ".join(problems))
+    variants = dict(sorted(variants.items()))  # one order whatever the config's: checkpoints list them so
+    for name, variant in variants.items():
+        try:
+            validate_train_config(variant)
+        except ValueError as err:
+            raise ValueError(f"saes.{name}: {err}") from None
+    return variants
+
+
+def record_saes(cfg: DictConfig, variants: dict[str, DictConfig]) -> dict:
+    """The run's config as a plain dict, with each `saes` entry resolved in its own config (so that
+    `sae_variants` of the stored config gives the same SAEs: resolved.yaml and checkpoints store this)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain["saes"] = {}
+    for name, variant in variants.items():
+        entry = OmegaConf.to_container(cfg.saes[name], resolve=False) or {}
+        resolved = OmegaConf.to_container(variant, resolve=True)
+        plain["saes"][name] = {key: resolved[key] for key in VARIANT_KEYS if key in entry or key == "sae"}
+    return plain
 
 
 def sae_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
@@ -142,12 +222,25 @@ def compare_resume_config(old: dict, new: DictConfig) -> dict[str, tuple[Any, An
         old_acts, new_acts = ({k: v for k, v in a.items() if k != "save_to"} for a in (old_acts, new_acts))
     if old_acts != new_acts:
         semantic.append(("data.activations", old_acts, new_acts))
+    old_saes, new_saes = _select(old, "saes"), _select(new, "saes")
+    if (old_saes is None) != (new_saes is None) or (old_saes and sorted(old_saes) != sorted(new_saes)):
+        semantic.append(("saes (the SAEs' names)", sorted(old_saes or []) or None, sorted(new_saes or []) or None))
+    elif old_saes:
+        old_variants = sae_variants(OmegaConf.create(old))
+        new_variants = sae_variants(new) or {}
+        for name in new_variants:
+            for key in VARIANT_SEMANTIC_KEYS:
+                a, b = _select(old_variants[name], key), _select(new_variants[name], key)
+                if a != b:
+                    semantic.append((f"saes.{name}: {key}", a, b))
     if semantic:
         lines = "\n".join(f"  {k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in semantic)
         raise ValueError(f"This resume would change what the SAE means:\n{lines}\nResume with the checkpoint's "
                          "values, or start a new run (without ckpt_path) to train a different SAE.")
     flat_old = _flatten(OmegaConf.to_container(OmegaConf.create(old), resolve=False))
-    flat_new = _flatten(OmegaConf.to_container(new, resolve=True))
+    new_saes_variants = sae_variants(new)
+    flat_new = _flatten(record_saes(new, new_saes_variants) if new_saes_variants is not None
+                        else OmegaConf.to_container(new, resolve=True))
     ignore = ("paths.", "ckpt_path", "overwrite", "hydra")
     return {k: (flat_old.get(k), v) for k, v in flat_new.items()
             if not k.startswith(ignore) and flat_old.get(k) != v and k in flat_old}
@@ -215,7 +308,9 @@ def build_callbacks(cfg: DictConfig, has_backbone: bool) -> list:
     return callbacks
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None) -> list:
+def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None, sae_name: str | None = None) -> list:
+    """The configured loggers; with `sae_name` (one SAE of a multi-SAE run) its own TensorBoard run,
+    <run>/tensorboard/<run name>/<sae_name>/, and no other logger."""
     loggers = []
     for node in (cfg.get("logger") or {}).values():
         if node is None:
@@ -225,8 +320,12 @@ def build_loggers(cfg: DictConfig, output_dir: Path, resume_step: int | None) ->
         if target.endswith("TensorBoardLogger"):
             if node.get("name") is None:
                 kwargs["name"] = run_name(output_dir)
+            if sae_name is not None:
+                kwargs["name"] = f"{kwargs.get('name') or node.get('name')}/{sae_name}"
             if resume_step is not None:  # hide the points logged after the checkpoint by the interrupted run
                 kwargs["purge_step"] = resume_step + 1
+        elif sae_name is not None:
+            continue
         loggers.append(instantiate(node, **kwargs))
     return loggers
 
@@ -254,9 +353,10 @@ def quiet_console() -> None:
 
 
 def train(cfg: DictConfig) -> Path:
-    """Train one SAE as `cfg` says; returns the run directory."""
+    """Train one SAE as `cfg` says (or several on the same stream: `saes:`); returns the run directory."""
     quiet_console()
     validate_train_config(cfg)
+    variants = sae_variants(cfg)
     output_dir = Path(cfg.paths.output_dir)
     ckpt = resolve_checkpoint(cfg, output_dir)
     resume_step = None
@@ -275,6 +375,10 @@ def train(cfg: DictConfig) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
     for path in [] if launched_rank else clean_stale_temporaries(output_dir):
         log.warning("Removed %s, left by an interrupted write.", path)
+    if variants is not None:
+        for path in [] if launched_rank else clean_stale_temporaries(output_dir / "sae"):
+            log.warning("Removed %s, left by an interrupted write.", path)
+        return _train_many(cfg, variants, output_dir, ckpt, resume_step, knob_changes)
     resolved_text = OmegaConf.to_yaml(cfg, resolve=True)
     if ckpt is None:
         save_resolved_config(cfg, output_dir)
@@ -315,6 +419,14 @@ def train(cfg: DictConfig) -> Path:
     if ckpt is not None:
         log.info("Resuming %s from step %d%s", output_dir, resume_step,
                  "".join(f"\n  changed: {k}: {a!r} -> {b!r}" for k, (a, b) in knob_changes.items()))
+    _fit(trainer, module, datamodule, ckpt, output_dir)
+    if trainer.is_global_zero:
+        log.info("Done: %d steps. SAE in %s, checkpoints in %s. Next: python evaluate.py run=%s",
+                 trainer.global_step, output_dir / "sae", output_dir / "checkpoints", output_dir)
+    return output_dir
+
+
+def _fit(trainer, module, datamodule, ckpt: Path | None, output_dir: Path) -> None:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
     except SIGTERMException:
@@ -323,7 +435,85 @@ def train(cfg: DictConfig) -> Path:
                     "(exit code %d).", name, trainer.global_step, output_dir / "checkpoints" / "last.ckpt",
                     SIGNAL_EXIT_CODES[name])
         raise SystemExit(SIGNAL_EXIT_CODES[name]) from None
+
+
+def _train_many(cfg: DictConfig, variants: dict[str, DictConfig], output_dir: Path, ckpt: Path | None,
+                resume_step: int | None, knob_changes: dict) -> Path:
+    """Several SAEs on one activation stream (MultiSAETrainingModule): `train` for a config with `saes:`.
+
+    Each SAE is initialised from the same random state a single run of its config would use (so each
+    equals that single run), then gets its own module, schedule, TensorBoard run and export folder.
+    """
+    from sae_lightning.module import MultiSAETrainingModule
+
+    record = record_saes(cfg, variants)
+    resolved_text = OmegaConf.to_yaml(OmegaConf.create(record))
+    if ckpt is None:
+        path = output_dir / RESOLVED_CONFIG
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(resolved_text)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    torch.set_float32_matmul_precision(cfg.matmul_precision)
+
+    backbone, datamodule, d_in = build_data(cfg)
+    rng = torch.get_rng_state()
+    saes = {}
+    for name, variant in variants.items():
+        torch.set_rng_state(rng)  # the state a single run of this variant initialises its SAE from
+        saes[name] = instantiate(variant.sae, d_in=d_in, d_sae=variant.expansion * d_in,
+                                 metadata=sae_metadata(variant, backbone, datamodule))
+    callbacks = build_callbacks(cfg, backbone is not None)
+    plain = {name: OmegaConf.to_container(v, resolve=True) for name, v in variants.items()}
+    callbacks.append(FinalHParamsCallback(
+        _flatten({k: v for k, v in record.items() if k != "paths"}),
+        per_sae={name: _flatten({k: v for k, v in p.items() if k != "paths"}) for name, p in plain.items()}))
+    per_sae_loggers = {name: build_loggers(cfg, output_dir, resume_step, sae_name=name) for name in variants}
+    run_loggers = [lg for lg in build_loggers(cfg, output_dir, resume_step)
+                   if not type(lg).__name__.endswith("TensorBoardLogger")]  # e.g. a CSV logger: <name>/ metrics
+    trainer = instantiate(cfg.trainer, callbacks=callbacks,
+                          logger=[lg for group in per_sae_loggers.values() for lg in group] + run_loggers)
+
+    activations_per_step = cfg.sae_batch_size * trainer.world_size
+    members, schedules = {}, {}
+    for name, variant in variants.items():
+        schedules[name] = schedule = schedule_steps(variant.schedule, activations_per_step)
+        members[name] = instantiate(variant.module, sae=saes[name], lr_warmup_steps=schedule["lr_warmup"],
+                                    dead_feature_window=schedule["dead_feature_window"],
+                                    feature_sampling_window=schedule["feature_sampling_window"], _convert_="all")
+        members[name].sae_loggers = per_sae_loggers[name]
+    module = MultiSAETrainingModule(
+        members, resolved_configs={name: OmegaConf.to_yaml(OmegaConf.create(p)) for name, p in plain.items()})
+    module.run_config = record
+    schedule = schedule_steps(cfg.schedule, activations_per_step)  # run-wide: checkpoints, contrastive loss
+    for callback in trainer.callbacks:
+        if isinstance(callback, SAECheckpoint):
+            callback.set_interval(schedule["checkpoint_every"])
+        if hasattr(callback, "every_n_steps"):
+            callback.every_n_steps = schedule["contrastive_every"]
+        if isinstance(callback, ExportSAECallback):
+            module.export_directory = callback.directory
+            if ckpt is not None:
+                callback.pending_files[output_dir / RESOLVED_CONFIG] = resolved_text
+    steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1), trainer.world_size)
+    trainer.fit_loop.epoch_loop.max_steps = steps
+
+    source = f"{backbone.name} layer {datamodule.layer} ({datamodule.tokens} tokens)" if backbone else "activations"
+    log.info("Training %d SAEs on %s for %d steps of %d activations (every SAE sees the same batches); "
+             "outputs in %s", len(variants), source, steps, activations_per_step, output_dir)
+    for name, variant in variants.items():
+        s = schedules[name]
+        log.info("  %s: %s %d x %d, lr %g; warm-up %d, dead-feature window %d, density window %d steps", name,
+                 str(variant.sae._target_).rsplit(".", 1)[-1], d_in, saes[name].d_sae, variant.lr,
+                 s["lr_warmup"], s["dead_feature_window"], s["feature_sampling_window"])
+    log.info("Checkpoint every %d steps, contrastive loss every %d.", schedule["checkpoint_every"],
+             schedule["contrastive_every"])
+    if ckpt is not None:
+        log.info("Resuming %s from step %d%s", output_dir, resume_step,
+                 "".join(f"\n  changed: {k}: {a!r} -> {b!r}" for k, (a, b) in knob_changes.items()))
+    _fit(trainer, module, datamodule, ckpt, output_dir)
     if trainer.is_global_zero:
-        log.info("Done: %d steps. SAE in %s, checkpoints in %s. Next: python evaluate.py run=%s",
-                 trainer.global_step, output_dir / "sae", output_dir / "checkpoints", output_dir)
+        stopped = module.stopped_info
+        log.info("Done: %d steps. SAEs in %s/<name>/ (%s)%s, checkpoints in %s. Next: python evaluate.py run=%s",
+                 trainer.global_step, output_dir / "sae", ", ".join(variants),
+                 f"; stopped early: {', '.join(stopped)}" if stopped else "", output_dir / "checkpoints", output_dir)
     return output_dir

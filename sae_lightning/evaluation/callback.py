@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from sae_lightning.backbone import replace_tokens, select_tokens
+from sae_lightning.callbacks import sae_members
 from sae_lightning.data.shards import image_batches
 from sae_lightning.evaluation.contrastive import (
     ContrastiveAccumulator,
@@ -114,19 +115,23 @@ class ContrastiveEvalCallback(Callback):
         if not self.enabled or step == self._last_step or step % self.every_n_steps:
             return
         self._last_step = step
-        values = self.evaluate(pl_module.sae, float(getattr(pl_module, "activation_scale", 1.0)))
-        metrics = {f"contrastive/{_short(k)}": v for k, v in values.items()}
-        constant = [k for k in metrics if k.endswith(("_original", "_ablated"))]
-        if self._constants_logged:  # the frozen model's losses never change: one point each
-            metrics = {k: v for k, v in metrics.items() if k not in constant}
-        else:
-            metrics["contrastive/batch_size"] = float(self.batch_size)
-            metrics["contrastive/n_images"] = float(self.residuals and sum(len(lab) for lab in self.labels))
-            self._constants_logged = True
-        if hasattr(pl_module, "last_metrics"):
-            pl_module.last_metrics.update(metrics)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        stopped = getattr(pl_module, "stopped_info", {})
+        for name, module, loggers in sae_members(trainer, pl_module):  # each SAE of a multi-SAE run, to its run
+            if name in stopped:
+                continue
+            values = self.evaluate(module.sae, float(getattr(module, "activation_scale", 1.0)))
+            metrics = {f"contrastive/{_short(k)}": v for k, v in values.items()}
+            constant = [k for k in metrics if k.endswith(("_original", "_ablated"))]
+            if self._constants_logged is True or name in (self._constants_logged or ()):
+                metrics = {k: v for k, v in metrics.items() if k not in constant}  # one point each: frozen model
+            else:
+                metrics["contrastive/batch_size"] = float(self.batch_size)
+                metrics["contrastive/n_images"] = float(self.residuals and sum(len(lab) for lab in self.labels))
+                self._constants_logged = True if name is None else {*(self._constants_logged or ()), name}
+            if hasattr(module, "last_metrics"):
+                module.last_metrics.update(metrics)
+            for logger in loggers:
+                logger.log_metrics(metrics, step=step)
 
 
 def _short(key: str) -> str:

@@ -1,0 +1,187 @@
+"""Many SAEs per pass (`saes:`): every SAE sees the same batches, equals its own single run, stops alone,
+resumes, exports and evaluates into its own folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from sae_lightning import SparseAutoencoder
+from sae_lightning.callbacks import sae_members
+from sae_lightning.sae.io import read_sae_step
+from tests.conftest import ROOT, compose_config
+
+STEPS_OF_64 = ("schedule.lr_warmup=320", "schedule.dead_feature_window=256", "schedule.feature_sampling_window=640",
+               "schedule.checkpoint_every=320")
+
+
+class BatchChecksums(Callback):
+    """Writes <path>: per SAE (single run: "single"), the sha1 of the inputs it stepped on, step by step."""
+
+    def __init__(self, path: str):
+        self.path, self.seen, self.step = Path(path), {}, -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            return  # the shuffle buffer was still filling: no step
+        self.step = trainer.global_step
+        for name, module, _ in sae_members(trainer, pl_module):
+            x = module._last_batch
+            if x is not None and (name is None or name not in getattr(pl_module, "stopped_info", {})):
+                digest = hashlib.sha1(x.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+                self.seen.setdefault(name or "single", []).append(digest)
+
+    def on_train_end(self, trainer, pl_module):
+        self.path.write_text(json.dumps(self.seen))
+
+
+class NaNGradientAt(Callback):
+    """Makes SAE `name`'s W_enc gradient NaN in step `step` only (a fault in one member of the run)."""
+
+    def __init__(self, name: str, step: int):
+        self.name, self.step, self.handle = name, step, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and self.handle is None:
+            param = pl_module.saes[self.name].sae.W_enc
+            self.handle = param.register_hook(lambda grad: grad * float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.handle is not None and trainer.global_step > self.step:
+            self.handle.remove()
+
+
+def planted(out: Path, *extra: str) -> list[str]:
+    """Planted activations (d=32, 64 features), 64 per step, 20 steps: seconds on a CPU."""
+    return ["experiment=planted", f"paths.root_dir={ROOT}", f"paths.output_dir={out}", "max_steps=20",
+            "data.activations.n=4096", "data.activations.d=32", "data.activations.n_features=64", "expansion=2",
+            "sae_batch_size=64", "data.buffer_size=512", "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=5", *STEPS_OF_64, *extra]
+
+
+TWO = "saes={a:{},b:{l1_coefficient:1.0e-3,lr:1.0e-3,expansion:3}}"
+TOPK = "+saes.t.sae={_target_:sae_lightning.sae.TopKSAE,k:4,mse:plain}"
+
+
+def train_cfg(overrides: list[str]) -> Path:
+    from sae_lightning.training import train
+
+    return train(compose_config(overrides))
+
+
+def checksums(out: Path, name: str = "batches.json") -> list[str]:
+    return ["+callbacks.checksums._target_=tests.test_multi_sae.BatchChecksums",
+            f"+callbacks.checksums.path={out / name}"]
+
+
+@pytest.fixture(scope="module")
+def multi_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("multi")
+    return train_cfg(planted(out, TWO, TOPK, *checksums(out)))
+
+
+def test_variants_resolve_with_their_own_knobs_and_bad_entries_fail_before_any_work(tmp_path):
+    from sae_lightning.training import sae_variants
+
+    cfg = compose_config(["experiment=sweep_demo"])
+    variants = sae_variants(cfg)
+    assert list(variants) == sorted(["relu", "relu_l1_1e-2", "topk16", "batchtopk16"])
+    assert variants["relu_l1_1e-2"].sae.l1_coefficient == 1e-2  # ${l1_coefficient} is the entry's own
+    assert variants["relu"].sae.l1_coefficient == cfg.l1_coefficient == 3e-3
+    assert variants["topk16"].sae._target_.endswith("TopKSAE") and variants["topk16"].sae.k == 16
+    assert variants["topk16"].lr == 2e-3 and variants["batchtopk16"].expansion == 16
+    assert sae_variants(compose_config([])) is None  # the default: one SAE, as before
+    with pytest.raises(ValueError) as err:
+        train_cfg(planted(tmp_path, "saes={a:{layer:3},b:{schedule:{checkpoint_every:64}},_c:{}}"))
+    message = str(err.value)
+    assert "saes.a: layer cannot differ" in message and "saes.b.schedule: checkpoint_every is run-wide" in message
+    assert "saes._c: the name becomes a folder" in message
+    with pytest.raises(ValueError, match=r"saes.a: (.|\n)*lr=-1.0: must be a finite number"):
+        train_cfg(planted(tmp_path, "saes={a:{lr:-1.0}}"))
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "sae").exists()
+
+
+@pytest.mark.slow
+def test_each_sae_exports_its_own_folder_tensorboard_run_and_config(multi_run):
+    saes = {name: SparseAutoencoder.load(multi_run / "sae" / name) for name in ("a", "b", "t")}
+    assert type(saes["t"]).__name__ == "TopKSAE" and saes["t"].k == 4
+    assert type(saes["a"]).__name__ == type(saes["b"]).__name__ == "SparseAutoencoder"
+    assert (saes["a"].d_sae, saes["b"].d_sae, saes["t"].d_sae) == (64, 96, 64)
+    assert saes["a"].l1_coefficient == 4e-4 and saes["b"].l1_coefficient == 1e-3
+    assert not torch.allclose(saes["a"].W_dec, saes["t"].W_dec)
+    assert all(read_sae_step(multi_run / "sae" / name) == 20 for name in saes)
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.load(multi_run / "sae" / "b" / "resolved.yaml")
+    assert resolved.lr == 1e-3 and resolved.expansion == 3 and "saes" not in resolved
+    ckpt = torch.load(multi_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 20  # one step per batch, not one per optimiser
+    assert [float(o["state"][0]["step"]) for o in ckpt["optimizer_states"]] == [20.0] * 3
+    for name, sae in saes.items():
+        assert torch.equal(sae.W_enc, ckpt["state_dict"][f"saes.{name}.sae.W_enc"])
+    runs = sorted(p.name for p in (multi_run / "tensorboard" / multi_run.name).iterdir())
+    assert runs == ["a", "b", "t"]
+    events = EventAccumulator(str(multi_run / "tensorboard" / multi_run.name / "b"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("losses/total")] == [5, 10, 15, 20]
+    assert events.Scalars("lr")[-1].value == pytest.approx(1e-3)  # b's own lr, in b's own run
+
+
+@pytest.mark.slow
+def test_every_sae_sees_the_same_batches_and_equals_its_single_run(multi_run, tmp_path):
+    seen = json.loads((multi_run / "batches.json").read_text())
+    assert len(seen["a"]) == 20 and seen["a"] == seen["b"] == seen["t"]
+    # b alone: same data, seed and knobs, no other SAE beside it
+    single = train_cfg(planted(tmp_path, "l1_coefficient=1.0e-3", "lr=1.0e-3", "expansion=3", *checksums(tmp_path)))
+    assert json.loads((tmp_path / "batches.json").read_text())["single"] == seen["b"]
+    alone, together = SparseAutoencoder.load(single / "sae"), SparseAutoencoder.load(multi_run / "sae" / "b")
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(together, name), getattr(alone, name), rtol=0, atol=1e-5)
+    a_state = torch.load(multi_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b_state = torch.load(single / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert torch.equal(a_state["saes.b.steps_since_fired"], b_state["steps_since_fired"])
+
+
+@pytest.mark.slow
+def test_a_non_finite_step_stops_that_sae_only_and_resume_keeps_it_stopped(multi_run, tmp_path):
+    inject = ["+callbacks.nan._target_=tests.test_multi_sae.NaNGradientAt", "+callbacks.nan.name=b",
+              "+callbacks.nan.step=7"]
+    run = train_cfg(planted(tmp_path, TWO, TOPK, *inject))
+    record = json.loads((run / "sae" / "b" / "training_stopped.json").read_text())
+    assert record["step"] == 10 and record["exported_step"] == 5  # found at the next health check (every 5)
+    assert "non-finite at step 7 with finite inputs" in record["reason"]
+    assert read_sae_step(run / "sae" / "b") == 5  # nothing after the fault was exported
+    # the others are exactly what they are without the fault
+    for name in ("a", "t"):
+        clean, faulty = (SparseAutoencoder.load(r / "sae" / name) for r in (multi_run, run))
+        assert torch.equal(clean.W_enc, faulty.W_enc) and torch.equal(clean.b_dec, faulty.b_dec), name
+        assert read_sae_step(run / "sae" / name) == 20
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"]["stopped"].tolist() == [False, True, False]
+    assert torch.isfinite(ckpt["state_dict"]["saes.b.sae.W_enc"]).all()  # the NaN step changed nothing
+
+    # resume to 30 steps: a and t continue, b stays stopped with its record
+    train_cfg(planted(tmp_path, TWO, TOPK, "max_steps=30", f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"))
+    after = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert after["global_step"] == 30
+    # b's Adam took steps 0-9 but the skipped step 7: 9 updates, then none after it stopped
+    assert [float(o["state"][0]["step"]) for o in after["optimizer_states"]] == [30.0, 9.0, 30.0]
+    assert read_sae_step(run / "sae" / "a") == read_sae_step(run / "sae" / "t") == 30
+    assert read_sae_step(run / "sae" / "b") == 5 and after["sae_lightning_stopped"]["b"]["step"] == 10
+    assert torch.equal(after["state_dict"]["saes.b.sae.W_enc"], ckpt["state_dict"]["saes.b.sae.W_enc"])
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_saes(multi_run, tmp_path):
+    last = multi_run / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match="saes.t: sae._target_"):
+        train_cfg(planted(tmp_path, TWO, "+saes.t.sae={_target_:sae_lightning.sae.BatchTopKSAE,k:4}",
+                          f"ckpt_path={last}"))
+    with pytest.raises(ValueError, match="the SAEs' names"):
+        train_cfg(planted(tmp_path, TWO, f"ckpt_path={last}"))
