@@ -175,6 +175,10 @@ def validate_train_config(cfg: DictConfig) -> None:
             and _is_int(chunk) and _is_int(cfg.get("sae_batch_size")) and chunk > cfg.get("sae_batch_size")):
         p.add("data.chunk_size", chunk, "must be at most sae_batch_size with several processes: larger chunks "
               "reach the ranks unevenly. Leave it null (= sae_batch_size)")
+    if str(_get(cfg, "data._target_", "")).endswith(".CacheDataModule"):  # data=cache: the cache and the resume
+        from sae_lightning.data.cache import cache_problems
+
+        p.lines.extend(cache_problems(cfg))
     p.raise_if_any()
 
 

@@ -273,20 +273,56 @@ class CacheDataModule(LightningDataModule):
                         ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
     def check_resume(self, ckpt_path: str | Path) -> None:
-        """Before training: refuse a checkpoint whose SAE was trained on other activations than this cache's."""
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-        d_ins = {int(v.shape[0]) for k, v in state.get("state_dict", {}).items() if k.endswith("W_enc")}
-        if d_ins and d_ins != {self.d_in}:
-            raise CacheError(f"ckpt_path={str(ckpt_path)!r} holds an SAE trained on d_in={sorted(d_ins)[0]} "
-                             f"activations, but data.path={str(self.path)!r} holds d={self.d_in} "
-                             f"({self.manifest['model']} layer {self.manifest['layer']}, {self.manifest['tokens']} "
-                             f"tokens). Resume with the cache the run was trained on, or start a new run.")
-        old = (state.get(type(self).__qualname__) or {}).get("cache")
-        if old:
-            fields = ("model", "pretrained", "layer", "tokens")
-            changed = [f"{k}: {old.get(k)!r} in the checkpoint, {self.manifest.get(k)!r} now" for k in fields
-                       if old.get(k) != self.manifest.get(k)]
-            if changed:
-                raise CacheError(f"data.path={str(self.path)!r} holds activations of another model or layer than the "
-                                 f"run in {ckpt_path} was trained on ({'; '.join(changed)}). Resume with the cache "
-                                 f"the run was trained on, or start a new run.")
+        """Refuse a checkpoint whose SAE was trained on other activations than this cache's (CacheError)."""
+        problem = resume_problem(self.path, self.manifest, ckpt_path)
+        if problem:
+            raise CacheError(problem)
+
+
+def resume_problem(path: Path, manifest: dict[str, Any], ckpt_path: str | Path) -> str | None:
+    """What makes `ckpt_path`'s SAE unfit to continue on the cache at `path` (another d_in, model or layer)."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    d_ins = {int(v.shape[0]) for k, v in state.get("state_dict", {}).items() if k.endswith("W_enc")}
+    if d_ins and d_ins != {manifest["d_in"]}:
+        return (f"ckpt_path={str(ckpt_path)!r} holds an SAE trained on d_in={sorted(d_ins)[0]} activations, but "
+                f"data.path={str(path)!r} holds d={manifest['d_in']} ({manifest['model']} layer {manifest['layer']}, "
+                f"{manifest['tokens']} tokens). Resume with the cache the run was trained on, or start a new run.")
+    old = (state.get(CacheDataModule.__qualname__) or {}).get("cache")
+    if old:
+        changed = [f"{k}: {old.get(k)!r} in the checkpoint, {manifest.get(k)!r} now"
+                   for k in ("model", "pretrained", "layer", "tokens") if old.get(k) != manifest.get(k)]
+        if changed:
+            return (f"data.path={str(path)!r} holds activations of another model or layer than the run in "
+                    f"{ckpt_path} was trained on ({'; '.join(changed)}). Resume with the cache the run was trained "
+                    f"on, or start a new run.")
+    return None
+
+
+def cache_problems(cfg: Any) -> list[str]:
+    """`validate_train_config`'s checks for data=cache, before any work: the backbone is dropped, the cache is
+    complete and matches its manifest (sizes), and a resumed checkpoint was trained on the same activations."""
+    from omegaconf import OmegaConf
+
+    problems = []
+    if cfg.get("backbone") is not None:
+        problems.append("data=cache trains from stored activations without a backbone, but a backbone is selected "
+                        "(experiment=demo picks one): add '~backbone' to the command")
+    path = OmegaConf.select(cfg, "data.path", default=None)
+    if not path:
+        return [*problems, "data.path=None: point it at a directory written by `python cache.py` (data.path=<dir>)"]
+    try:
+        manifest = read_manifest(path)
+        check_cache(path, manifest, full=bool(OmegaConf.select(cfg, "data.verify", default=False)))
+    except CacheError as err:
+        return [*problems, str(err)]
+    if cfg.get("ckpt_path"):
+        from sae_lightning.training import resolve_checkpoint
+
+        try:
+            ckpt = resolve_checkpoint(cfg, Path(cfg.paths.output_dir))
+        except FileNotFoundError:
+            ckpt = None  # train() names the missing checkpoint
+        problem = resume_problem(Path(path).expanduser().resolve(), manifest, ckpt) if ckpt else None
+        if problem:
+            problems.append(problem)
+    return problems

@@ -3,7 +3,8 @@
 A cache is one directory: `manifest.json` plus shard files `<source>-<part>.safetensors`, each holding
 `activations` [M, d] (fp32/fp16/bf16), `labels` [M] (int64, -1 without a class), `image` [M] (int32, the row's
 image as an index into the file's `keys` metadata) and `token` [M] (int16, the row's token within the image's
-selection). `cache.py` writes it (sae_lightning/data/cache_write.py); `data=cache` reads it
+selection) and one metadata entry `sae_lightning_cache` (JSON: the source shard, the part, the image `keys`).
+`cache.py` writes it (sae_lightning/data/cache_write.py); `data=cache` reads it
 (sae_lightning/data/cache.py). Everything here is plain file handling, shared by both.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 
 from sae_lightning.atomic import replace_file
 
@@ -25,6 +27,7 @@ MANIFEST = "manifest.json"
 SHARD_SUFFIX = ".safetensors"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TENSORS = ("activations", "labels", "image", "token")
+METADATA_KEY = "sae_lightning_cache"  # the file's one metadata entry: JSON (source, part, image keys)
 
 
 class CacheError(ValueError):
@@ -34,6 +37,12 @@ class CacheError(ValueError):
 def shard_name(source_index: int, part: int) -> str:
     """The file of part `part` of source shard number `source_index` (0-based, in the manifest's order)."""
     return f"{source_index:06d}-{part:04d}{SHARD_SUFFIX}"
+
+
+def shard_metadata(path: str | Path) -> dict[str, Any]:
+    """A shard file's metadata: format, version, source (shard name), source_index, part, keys, skipped_keys."""
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads(handle.metadata()[METADATA_KEY])
 
 
 def config_hash(identity: dict[str, Any]) -> str:

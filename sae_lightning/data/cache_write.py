@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 from tqdm.auto import tqdm
 
@@ -43,12 +42,14 @@ from sae_lightning.data.cache_format import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    METADATA_KEY,
     SHARD_SUFFIX,
     CacheError,
     check_shard,
     config_hash,
     read_manifest,
     remove_cache_files,
+    shard_metadata,
     shard_name,
     stale_temporaries,
     write_manifest,
@@ -303,9 +304,8 @@ class CacheWriter:
                 continue
             state = states.setdefault(url, _Source(entry["source"], url))
             state.part = max(state.part, entry["part"] + 1)
-            with safe_open(str(self.directory / entry["file"]), framework="pt") as handle:
-                meta = handle.metadata()
-            skip_samples.setdefault(url, set()).update(json.loads(meta["keys"]) + json.loads(meta["skipped_keys"]))
+            meta = shard_metadata(self.directory / entry["file"])
+            skip_samples.setdefault(url, set()).update(meta["keys"] + meta["skipped_keys"])
         return done, skip_samples, states
 
     def _stream(self) -> int:
@@ -419,9 +419,11 @@ class CacheWriter:
             tensors = {"activations": activations, "labels": labels,
                        "image": torch.arange(n_images, dtype=torch.int32).repeat_interleave(per),
                        "token": torch.arange(per, dtype=torch.int16).repeat(n_images)}
-            metadata = {"format": FORMAT, "version": str(FORMAT_VERSION), "source": Path(state.url).name,
-                        "source_index": str(state.index), "part": str(state.part), "keys": json.dumps(state.keys),
-                        "skipped_keys": json.dumps(state.skipped)}
+            # one metadata entry: safetensors stores them in a hash map, whose order (bytes) varies per process
+            metadata = {METADATA_KEY: json.dumps({
+                "format": FORMAT, "version": FORMAT_VERSION, "source": Path(state.url).name,
+                "source_index": state.index, "part": state.part, "keys": state.keys, "skipped_keys": state.skipped,
+            }, sort_keys=True)}
             data = save_safetensors(tensors, metadata)
             name = shard_name(state.index, state.part)
             replace_file(self.directory / name, lambda tmp: tmp.write_bytes(data))

@@ -1,0 +1,360 @@
+"""The activation cache: cache.py writes exactly the backbone's activations, resumes to identical bytes, refuses
+bad input; data=cache shuffles across shards in bounded memory and resumes to the same SAE."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import tarfile
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from safetensors.torch import load_file, save_file
+
+from sae_lightning.data.cache import CacheDataModule, CacheStream
+from sae_lightning.data.cache_format import MANIFEST, CacheError, read_manifest, shard_metadata
+from sae_lightning.data.cache_write import CacheWriter
+from tests.conftest import CONF, ROOT, compose_config
+
+
+def compose_cache(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="cache", overrides=overrides)
+
+
+def cache_config(cache_dir: Path, data_dir: Path, shards: tuple[str, str], extra: list[str] = ()):
+    """`python cache.py experiment=demo` on the session's tiny shards (8 x 64 images) with the instant tiny ViT."""
+    return compose_cache([
+        "experiment=demo", "backbone=tiny", f"paths.root_dir={ROOT}", f"paths.data_dir={data_dir}",
+        f"data.train_shards='{shards[0]}'", "data.num_workers=0", f"cache.dir={cache_dir}",
+        "cache.rows_per_shard=32", "cache.batch_size=16", "cache.device=cpu", "cache.dtype=fp32", *extra])
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.glob("*.safetensors"))}
+
+
+def shard_entries(directory: Path) -> list[dict]:
+    return json.loads((directory / MANIFEST).read_text())["shards"]
+
+
+@pytest.fixture(scope="module")
+def written_cache(tmp_path_factory, data_dir, tiny_shards) -> Path:
+    """The tiny shards' class tokens, fp32, 32 rows per file: 16 files, 512 rows."""
+    directory = tmp_path_factory.mktemp("cache") / "cls"
+    assert CacheWriter(cache_config(directory, data_dir, tiny_shards)).run() == 0
+    return directory
+
+
+def source_images(url: str) -> dict[str, tuple[PIL.Image.Image, int]]:
+    """{key: (image, label)} read straight from a tar shard, without the project's pipeline."""
+    out: dict[str, dict] = {}
+    with tarfile.open(url) as tar:
+        for member in tar:
+            key, ext = member.name.rsplit(".", 1)
+            out.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return {k: (PIL.Image.open(io.BytesIO(v["png"] if "png" in v else v["jpg"])).convert("RGB"), int(v["cls"]))
+            for k, v in out.items()}
+
+
+@pytest.mark.parametrize(("tokens", "dtype"), [("cls", "fp32"), ("all", "bf16")])
+def test_rows_are_the_backbones_activations_with_their_keys_and_labels(tmp_path, data_dir, tiny_shards, tokens,
+                                                                       dtype):
+    per_image = 1 if tokens == "cls" else 17  # all: 16 patches + the class token
+    rows = 37 * per_image  # 37 whole images -> 32 per file (a multiple of the forward's 16)
+    cfg = cache_config(tmp_path / "c", data_dir, tiny_shards, [f"tokens={tokens}", f"cache.dtype={dtype}",
+                                                                f"cache.rows_per_shard={rows}"])
+    assert CacheWriter(cfg).run() == 0
+    manifest = read_manifest(tmp_path / "c")
+    backbone = instantiate(cfg.backbone)
+    assert backbone.n_tokens_for(tokens) == per_image
+    # 64-image sources make 2 files each
+    assert manifest["images_per_shard"] == 32 and manifest["rows_per_shard"] == 32 * per_image
+    assert (manifest["d_in"], manifest["tokens_per_image"], manifest["dtype"]) == (64, per_image, dtype)
+    assert manifest["images"] == 512 and manifest["total_rows"] == 512 * per_image and manifest["complete"]
+    assert len(manifest["shards"]) == 16 and sum(s["rows"] for s in manifest["shards"]) == manifest["total_rows"]
+    assert all(s["done"] and s["images"] == 64 for s in manifest["sources"])
+    assert manifest["layer"] == backbone.resolve_layer(cfg.layer) and manifest["model"] == backbone.name
+
+    seen = set()
+    for entry in manifest["shards"]:
+        url = manifest["sources"][entry["source"]]["url"]
+        originals = source_images(url)
+        tensors = load_file(str(tmp_path / "c" / entry["file"]))
+        keys = shard_metadata(tmp_path / "c" / entry["file"])["keys"]
+        assert tensors["activations"].dtype == {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        assert tensors["activations"].shape == (len(keys) * per_image, 64)
+        images = torch.stack([backbone.pixel_transform(originals[k][0]) for k in keys])
+        expected = backbone.activations(images, cfg.layer, tokens).reshape(-1, 64)
+        tolerance = {"fp32": 1e-5, "bf16": 1e-2}[dtype]
+        torch.testing.assert_close(tensors["activations"].float(), expected.to(tensors["activations"].dtype).float(),
+                                   atol=tolerance, rtol=tolerance)
+        labels = torch.tensor([originals[k][1] for k in keys]).repeat_interleave(per_image)
+        assert torch.equal(tensors["labels"], labels)
+        assert [keys[i] for i in tensors["image"].tolist()[::per_image]] == keys
+        assert torch.equal(tensors["token"], torch.arange(per_image, dtype=torch.int16).repeat(len(keys)))
+        seen.update((url, k) for k in keys)
+    assert len(seen) == 512  # every image once
+
+
+def test_an_interrupted_cache_run_resumes_to_the_same_bytes(tmp_path, data_dir, tiny_shards, written_cache, caplog):
+    """SIGTERM after the 5th file: the complete files stay, the rerun (with 2 workers) finishes identically."""
+    directory = tmp_path / "c"
+    written = []
+
+    def stop_after_five(entry):
+        written.append(entry["file"])
+        if len(written) == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    assert CacheWriter(cache_config(directory, data_dir, tiny_shards), on_shard=stop_after_five).run() == 143
+    assert "Stopped by SIGTERM" in caplog.text and "Rerun the same command" in caplog.text
+    manifest = read_manifest(directory)
+    assert not manifest["complete"] and 5 <= len(manifest["shards"]) < 16
+    kept = files(directory)
+    assert set(kept) == {s["file"] for s in manifest["shards"]}
+    with pytest.raises(CacheError, match="incomplete"):
+        CacheDataModule(directory)
+
+    assert CacheWriter(cache_config(directory, data_dir, tiny_shards, ["data.num_workers=2"])).run() == 0
+    assert files(directory) == files(written_cache)
+    assert all(files(directory)[name] == data for name, data in kept.items())  # kept, not rewritten differently
+    by_file = sorted(shard_entries(directory), key=lambda e: e["file"])
+    assert by_file == sorted(shard_entries(written_cache), key=lambda e: e["file"])  # sizes, sha256, keys
+
+    caplog.clear()
+    caplog.set_level(logging.INFO)
+    assert CacheWriter(cache_config(directory, data_dir, tiny_shards)).run() == 0  # complete: nothing to do
+    assert "already holds the complete cache" in caplog.text
+
+
+def test_another_config_refuses_unless_overwrite(tmp_path, written_cache, data_dir, tiny_shards):
+    directory = tmp_path / "c"
+    shutil.copytree(written_cache, directory)
+    before = files(directory)
+    with pytest.raises(CacheError, match=r"(?s)different config:\n  layer: -2 in the cache, 1 now.*overwrite=true"):
+        CacheWriter(cache_config(directory, data_dir, tiny_shards, ["layer=1"])).run()
+    assert files(directory) == before  # nothing touched
+    assert CacheWriter(cache_config(directory, data_dir, tiny_shards, ["layer=1", "overwrite=true"])).run() == 0
+    after = files(directory)
+    assert read_manifest(directory)["layer"] == 1 and after.keys() == before.keys() and after != before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not empty and holds no manifest.json"):
+        CacheWriter(cache_config(tmp_path / "other", data_dir, tiny_shards)).run()
+
+
+def test_bad_cache_configs_fail_before_any_work(tmp_path, data_dir, tiny_shards):
+    with pytest.raises(ValueError, match=r"cache.dtype='fp8'.*must be one of fp32, fp16, bf16") as err:
+        CacheWriter(cache_config(tmp_path / "c", data_dir, tiny_shards, ["cache.dtype=fp8",
+                                                                          "cache.rows_per_shard=0"]))
+    assert "cache.rows_per_shard=0" in str(err.value)
+    with pytest.raises(ValueError, match="computes activations with a backbone"):
+        CacheWriter(cache_config(tmp_path / "c", data_dir, tiny_shards, ["~backbone"]))
+    assert not (tmp_path / "c").exists()
+
+
+def test_unusable_cache_directories_say_what_to_do(tmp_path, written_cache):
+    with pytest.raises(CacheError, match="no such directory.*python cache.py"):
+        CacheDataModule(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CacheError, match="has no manifest.json"):
+        CacheDataModule(tmp_path / "empty")
+    with pytest.raises(CacheError, match="data.path is not set"):
+        CacheDataModule(None)
+    bad = tmp_path / "bad"
+    shutil.copytree(written_cache, bad)
+    manifest = json.loads((bad / MANIFEST).read_text())
+    manifest["dtype"] = "fp8"
+    (bad / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(CacheError, match="unknown dtype 'fp8'"):
+        CacheDataModule(bad)
+
+
+def test_train_py_names_every_cache_problem_before_any_work(tmp_path, written_cache):
+    from sae_lightning.validation import validate_train_config
+
+    cfg = compose_config(["experiment=demo", "data=cache", f"data.path={tmp_path / 'missing'}",
+                          f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"(?s)2 problems.*add '~backbone'.*no such directory.*python cache.py"):
+        validate_train_config(cfg)
+    validate_train_config(compose_config(["data=cache", f"data.path={written_cache}", f"paths.root_dir={ROOT}"]))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_shard_is_detected_and_rewritten(tmp_path, written_cache, data_dir, tiny_shards, caplog):
+    directory = tmp_path / "c"
+    shutil.copytree(written_cache, directory)
+    victim = directory / shard_entries(directory)[3]["file"]
+    data = bytearray(victim.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the rows: same size
+    victim.write_bytes(bytes(data))
+    CacheDataModule(directory)  # sizes only by default
+    with pytest.raises(CacheError, match=rf"(?s){victim.name}'s sha256 differs.*Rerun the `python cache.py"):
+        CacheDataModule(directory, verify=True)
+    other = directory / shard_entries(directory)[7]["file"]
+    other.write_bytes(other.read_bytes()[:100])  # truncated
+    with pytest.raises(CacheError, match=rf"(?s)2 shard file\(s\) do not match.*{other.name} has 100 bytes"):
+        CacheDataModule(directory, verify=True)
+    with pytest.raises(CacheError, match=rf"{other.name} has 100 bytes"):
+        CacheDataModule(directory)
+
+    assert CacheWriter(cache_config(directory, data_dir, tiny_shards)).run() == 0  # verifies, redoes both sources
+    assert "sha256 differs" in caplog.text and "is redone" in caplog.text
+    assert files(directory) == files(written_cache)
+
+
+# ---- the shuffle: a cache of known rows (row value = its id), no backbone needed --------------------------
+
+
+def id_cache(directory: Path, sizes: list[int]) -> tuple[list[str], list[int]]:
+    """Shard files whose rows are [file, row] (d = 2), as cache.py lays them out."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for f, n in enumerate(sizes):
+        path = directory / f"{f:06d}-0000.safetensors"
+        rows = torch.stack([torch.full((n,), float(f)), torch.arange(n, dtype=torch.float32)], 1)
+        save_file({"activations": rows}, str(path))
+        paths.append(str(path))
+    return paths, sizes
+
+
+def ids(batch: torch.Tensor) -> list[tuple[int, int]]:
+    return [tuple(r) for r in batch.long().tolist()]
+
+
+def take(stream: CacheStream, n: int) -> list[torch.Tensor]:
+    out = []
+    for batch in stream.batches():
+        out.append(batch)
+        if len(out) == n:
+            return out
+    return out
+
+
+def test_shuffle_crosses_shards_in_bounded_memory_and_covers_each_epoch(tmp_path):
+    paths, sizes = id_cache(tmp_path, [40, 64, 24, 64, 50, 64, 33, 64])  # 403 rows, uneven files
+    stream = CacheStream(paths, sizes, batch_size=32, block_rows=16, window_blocks=3, seed=7)
+    batches = take(stream, 40)  # 1280 rows: more than 3 epochs
+    assert stream.max_resident <= 3 * 16 + 32 and stream.max_resident < 403
+    files_per_batch = [len({f for f, _ in ids(b)}) for b in batches]
+    assert min(files_per_batch) >= 2 and max(files_per_batch) >= 3  # never one shard's rows only
+    rows = [r for b in batches for r in ids(b)]
+    everything = sorted((f, r) for f, n in enumerate(sizes) for r in range(n))
+    assert sorted(rows[:403]) == everything and sorted(rows[403:806]) == everything  # each epoch: every row once
+    assert rows[:403] != rows[403:806]  # a new order each epoch
+    assert rows[:403] != everything  # shuffled, not file order
+    again = take(CacheStream(paths, sizes, batch_size=32, block_rows=16, window_blocks=3, seed=7), 40)
+    assert all(torch.equal(a, b) for a, b in zip(batches, again))  # deterministic from the seed
+    other = take(CacheStream(paths, sizes, batch_size=32, block_rows=16, window_blocks=3, seed=8), 40)
+    assert not all(torch.equal(a, b) for a, b in zip(batches, other))
+    plain = take(CacheStream(paths, sizes, batch_size=32, block_rows=16, window_blocks=3, shuffle=False), 13)
+    assert [r for b in plain for r in ids(b)][:403] == everything
+
+
+def test_any_position_replays_the_same_batches(tmp_path):
+    """A stream started at row p serves exactly what the stream from 0 serves from row p (the resume)."""
+    paths, sizes = id_cache(tmp_path, [40, 64, 24, 64, 50])
+    full = torch.cat(take(CacheStream(paths, sizes, 32, 16, 3, seed=1), 30))
+    for start in (32 * 5, 32 * 7 + 5, 242, 32 * 19):  # mid-window, mid-batch, across an epoch (242 rows each)
+        resumed = take(CacheStream(paths, sizes, 32, 16, 3, seed=1, start_row=start), 5)
+        assert torch.equal(torch.cat(resumed), full[start: start + 160])
+
+
+def test_ranks_and_workers_split_the_stream(tmp_path):
+    paths, sizes = id_cache(tmp_path, [40, 64, 24, 64, 50])
+    epoch = {0: [], 1: []}
+    for rank in (0, 1):
+        stream = CacheStream(paths, sizes, 8, 16, 2, seed=3, rank=rank, world_size=2)
+        n = sum(stream.window_rows(w) for w in stream.windows(0))
+        epoch[rank] = [r for b in take(stream, 100) for r in ids(b)][:n]
+    assert not set(epoch[0]) & set(epoch[1])  # disjoint blocks per rank
+    assert sorted(epoch[0] + epoch[1]) == sorted((f, r) for f, n in enumerate(sizes) for r in range(n))
+    single = take(CacheStream(paths, sizes, 32, 16, 3, seed=1), 12)
+    loader = torch.utils.data.DataLoader(CacheStream(paths, sizes, 32, 16, 3, seed=1), batch_size=None,
+                                         num_workers=2)
+    served = []
+    for batch in loader:
+        served.append(batch["activations"])
+        if len(served) == 12:
+            break
+    assert all(torch.equal(a, b) for a, b in zip(single, served))  # workers round-robin = the stream's order
+
+
+# ---- training from the cache --------------------------------------------------------------------------------
+
+
+def train_config(run: Path, cache: Path, extra: list[str] = ()):
+    return compose_config([
+        "experiment=demo", "~backbone", "data=cache", f"data.path={cache}", f"paths.root_dir={ROOT}",
+        f"paths.output_dir={run}", "sae_batch_size=48", "expansion=2", "max_steps=24", "data.buffer_size=96",
+        "data.block_rows=16", "data.window_blocks=3", "data.num_workers=1", "schedule.lr_warmup=240",
+        "schedule.dead_feature_window=192", "schedule.feature_sampling_window=480", "schedule.checkpoint_every=480",
+        "trainer.log_every_n_steps=5", "trainer.enable_progress_bar=false", *extra])
+
+
+def final_state(run: Path) -> dict[str, torch.Tensor]:
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 24
+    state = dict(ckpt["state_dict"])
+    for i, group in enumerate(ckpt["optimizer_states"]):
+        for j, param in group["state"].items():
+            state.update({f"adam{i}.{j}.{k}": v for k, v in param.items() if torch.is_tensor(v)})
+    return state
+
+
+@pytest.mark.slow
+def test_interrupted_and_resumed_training_gives_the_same_sae(tmp_path, written_cache):
+    """24 steps of 48 rows (2.25 epochs of the 512-row cache) straight, vs stopped by SIGTERM at step 9 and
+    resumed, vs 10 steps then continued to 24: the same SAE and Adam state to 1e-5."""
+    from sae_lightning.training import train
+
+    train(train_config(tmp_path / "straight", written_cache))
+    reference = final_state(tmp_path / "straight")
+
+    stopped = tmp_path / "stopped"
+    with pytest.raises(SystemExit) as exit_info:
+        train(train_config(stopped, written_cache, ["+callbacks.stop._target_=tests.helpers.SignalAtStep",
+                                                    "+callbacks.stop.step=9"]))
+    assert exit_info.value.code == 143
+    position = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)
+    assert position["global_step"] == 10 and position["CacheDataModule"]["rows_served"] == 480
+    train(train_config(stopped, written_cache, ["ckpt_path=last"]))
+
+    continued = tmp_path / "continued"
+    train(train_config(continued, written_cache, ["max_steps=10"]))
+    train(train_config(continued, written_cache, ["ckpt_path=last"]))
+
+    for run in (stopped, continued):
+        state = final_state(run)
+        assert state.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(state[key], value, atol=1e-5, rtol=0, msg=f"{run.name}: {key}")
+    sae = load_file(str(stopped / "sae" / "sae_weights.safetensors"))
+    assert sae["W_enc"].shape == (64, 128)  # d_in from the manifest, expansion 2
+
+
+@pytest.mark.slow
+def test_resuming_on_another_cache_refuses_before_training(tmp_path, written_cache, data_dir, tiny_shards):
+    from sae_lightning.training import train
+
+    run = tmp_path / "run"
+    train(train_config(run, written_cache, ["max_steps=4"]))
+    wider = tmp_path / "all"
+    assert CacheWriter(cache_config(wider, data_dir, tiny_shards, ["layer=1"])).run() == 0
+    before = (run / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ValueError, match="another model or layer.*layer: 2 in the checkpoint, 1 now"):
+        train(train_config(run, wider, ["ckpt_path=last"]))
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
+    dm = CacheDataModule(written_cache)
+    dm.manifest = dict(dm.manifest, d_in=32)
+    with pytest.raises(CacheError, match="trained on d_in=64 activations, but data.path=.* holds d=32"):
+        dm.check_resume(run / "checkpoints" / "last.ckpt")
