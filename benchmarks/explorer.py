@@ -122,7 +122,8 @@ def generate(root: Path, n_features: int, n_thumbnails: int, seed: int = 0) -> P
         "n_thumbnails": n_thumbnails + N_GAME, "thumb_size": 128, "layer": 22, "tokens": "cls",
         "hist_bins_log10": hist_edges().tolist(), "hist_n_tokens": None, "mlp_cosine_scale": MLP_COSINE_SCALE,
         "n_neighbours": 10, "game_keys": game_keys, "top_embedding_keys": list(keys.values())[:n_embedded],
-        "baseline_features": list(range(512)), "auto_labels": None, "seed": seed}))
+        "baseline_features": list(range(512)), "auto_labels": None, "heatmap_grid": None, "heatmap_slots": 0,
+        "seed": seed}))
     return ev
 
 

@@ -132,6 +132,23 @@ def test_launcher_rejects_bad_arguments_before_starting(tmp_path):
         launcher.main([f"run={tmp_path}"])
 
 
+def test_launcher_picks_the_evaluation_of_one_sae_of_a_run_with_several(tmp_path):
+    """A run that trained several SAEs has <run>/eval/<name>/ per SAE: sae_name= picks one, the only one is
+    taken, several without sae_name (or an unknown name) are an error that names them."""
+    for name in ("small", "large"):
+        (tmp_path / "eval" / name / "explorer").mkdir(parents=True)
+        (tmp_path / "eval" / name / "explorer" / "bundle.json").write_text("{}")
+    with pytest.raises(SystemExit, match=r"2 SAEs \(large, small\): pick one with sae_name"):
+        launcher.resolve({"run": str(tmp_path)})
+    assert launcher.resolve({"run": str(tmp_path), "sae_name": "small"}) == (
+        tmp_path.resolve() / "eval" / "small", tmp_path.resolve(), "small")
+    with pytest.raises(SystemExit, match="evaluated SAEs: large, small"):
+        launcher.resolve({"run": str(tmp_path), "sae_name": "medium"})
+    (tmp_path / "eval" / "large" / "explorer" / "bundle.json").unlink()
+    assert launcher.resolve({"run": str(tmp_path)})[0] == tmp_path.resolve() / "eval" / "small"
+    assert launcher.parse([f"run={tmp_path}", "sae_name=small"])["sae_name"] == "small"
+
+
 # ------------------------------------------------------------------------------ a real tiny run, bundled
 
 
@@ -204,7 +221,7 @@ def test_game_metric_from_the_bundle(explored):
     assert set(result) >= {"accuracy", "baseline_accuracy", "n_rounds"}
     assert 0 < result["n_rounds"] <= N_GAME and 0 <= result["accuracy"] <= 1
     info = json.loads((explored / "explorer" / "bundle.json").read_text())
-    assert info["game_accuracy"] == result["accuracy"] and info["format_version"] == 1
+    assert info["game_accuracy"] == result["accuracy"] and info["format_version"] == 2
     assert game_metric(explored) == result  # seeded: recomputing gives the same numbers
 
 

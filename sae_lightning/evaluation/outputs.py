@@ -151,7 +151,7 @@ def write_explorer(ev: Evaluation, directory: Path) -> None:
     i = ev.inputs
     game = write_explorer_bundle(directory, i.sae, i.backbone, layer=i.layer, tokens=i.tokens, shards=i.urls,
                                  n_game=int(cfg.get("n_game", 1000)), device=i.device, batch_size=int(cfg.batch_size),
-                                 seed=int(cfg.seed))
+                                 seed=int(cfg.seed), max_tokens=int(cfg.get("max_tokens", 4096)))
     ev.metrics |= metrics_entries(game)
     if game.get("accuracy") is not None:
         ev.notes.append(

@@ -1,6 +1,7 @@
-"""`python -m sae_lightning.explorer run=<run> [eval_dir=<run>/eval] [port=8501] [host=localhost]`.
+"""`python -m sae_lightning.explorer run=<run> [sae_name=<name>] [eval_dir=<run>/eval] [port=8501] [host=localhost]`.
 
-Checks the run's explorer bundle, then serves the Streamlit app (sae_lightning/explorer/app.py).
+Checks the run's explorer bundle, then serves the Streamlit app (sae_lightning/explorer/app.py). A run that
+trained several SAEs (`saes:`) has one evaluation per SAE, `<run>/eval/<name>/`: `sae_name` picks one.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ import os
 import sys
 from pathlib import Path
 
-USAGE = "usage: python -m sae_lightning.explorer run=<run dir> [eval_dir=<dir>] [port=8501] [host=localhost]"
-KEYS = ("run", "eval_dir", "port", "host")
+USAGE = ("usage: python -m sae_lightning.explorer run=<run dir> [sae_name=<name>] [eval_dir=<dir>] [port=8501] "
+         "[host=localhost]")
+KEYS = ("run", "sae_name", "eval_dir", "port", "host")
+BUNDLE = Path("explorer") / "bundle.json"
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -28,14 +31,30 @@ def parse(argv: list[str]) -> dict[str, str]:
     return args
 
 
-def resolve(args: dict[str, str]) -> tuple[Path, Path]:
-    """(eval dir, run dir), with a clear error when the bundle is missing."""
+def resolve(args: dict[str, str]) -> tuple[Path, Path, str | None]:
+    """(eval dir, run dir, SAE name or None), with a clear error when the bundle is missing.
+
+    The evaluation is `eval_dir` (default `<run>/eval`) itself, or, for a run with several SAEs, its
+    sub-directory `<sae_name>`; without `sae_name` the only evaluated SAE is taken, and several are an error
+    that names them."""
     run = Path(args.get("run") or Path(args["eval_dir"]).parent).expanduser().resolve()
-    eval_dir = Path(args.get("eval_dir") or run / "eval").expanduser().resolve()
-    if not (eval_dir / "explorer" / "bundle.json").is_file():
-        raise SystemExit(f"{eval_dir}/explorer/bundle.json not found: evaluate the run first "
-                         f"(python evaluate.py run={args.get('run') or run})")
-    return eval_dir, run
+    base = Path(args.get("eval_dir") or run / "eval").expanduser().resolve()
+    name = args.get("sae_name")
+    named = sorted(p.parent.parent.name for p in base.glob(f"*/{BUNDLE}")) if base.is_dir() else []
+    if name:
+        if not (base / name / BUNDLE).is_file():
+            found = f"evaluated SAEs: {', '.join(named)}" if named else "no evaluated SAE by name"
+            raise SystemExit(f"{base / name / BUNDLE} not found ({found}): evaluate that SAE first")
+        return base / name, run, name
+    if (base / BUNDLE).is_file():
+        return base, run, None
+    if len(named) == 1:
+        return base / named[0], run, named[0]
+    if len(named) > 1:
+        raise SystemExit(f"{base} holds the evaluations of {len(named)} SAEs ({', '.join(named)}): pick one with "
+                         f"sae_name=<name>")
+    raise SystemExit(f"{base / BUNDLE} not found: evaluate the run first "
+                     f"(python evaluate.py run={args.get('run') or run})")
 
 
 def flags(args: dict[str, str]) -> dict[str, object]:
@@ -44,19 +63,35 @@ def flags(args: dict[str, str]) -> dict[str, object]:
             "server_headless": True, "browser_gatherUsageStats": False, "client_toolbarMode": "minimal"}
 
 
+def skip_component_discovery() -> None:
+    """Streamlit scans the metadata of every installed distribution for third-party (v2) components when its
+    runtime starts (about 0.7 s with this project's environment); the app uses none, so the scan is skipped.
+    A Streamlit without that scanner is left as it is."""
+    try:
+        from streamlit.components.v2 import manifest_scanner
+    except ImportError:
+        return
+    if hasattr(manifest_scanner, "scan_component_manifests"):
+        manifest_scanner.scan_component_manifests = lambda *args, **kwargs: []
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Serve the app in this process: the modules imported here (torch, the bundle reader) are the app's, so
-    its first page does not import them again."""
+    """Serve the app in this process. The bundle is opened (and the app's pandas/Altair imported) in a
+    background thread while the server starts and the browser loads the page, so the first page finds it
+    ready; torch and open_clip are imported only by the "Inspect an image" page."""
     args = parse(sys.argv[1:] if argv is None else argv)
-    eval_dir, run = resolve(args)
+    eval_dir, run, sae_name = resolve(args)
     os.environ["SAE_EXPLORER_EVAL_DIR"], os.environ["SAE_EXPLORER_RUN_DIR"] = str(eval_dir), str(run)
-    import altair  # noqa: F401 - the app's imports, done before the server starts
-    import pandas  # noqa: F401
+    os.environ["SAE_EXPLORER_SAE_NAME"] = sae_name or ""
+    options = flags(args)
+    from sae_lightning.explorer import store
+
+    host = options["server_address"]
+    local = host if host not in ("", "0.0.0.0", "::") else "localhost"
+    store.preload(eval_dir, after=f"http://{local}:{options['server_port']}/_stcore/health")
     from streamlit.web import bootstrap
 
-    import sae_lightning.explorer.store  # noqa: F401
-
-    options = flags(args)
+    skip_component_discovery()
     bootstrap.load_config_options(flag_options=options)
     print(f"SAE Explorer for {eval_dir}: http://{options['server_address']}:{options['server_port']}", flush=True)
     bootstrap.run(str(Path(__file__).with_name("app.py")), False, [], options)

@@ -8,6 +8,7 @@ opened by URL: `?page=feature&feature=12`, `?page=overview|navigator|game|inspec
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -18,8 +19,9 @@ import pandas as pd
 import PIL.Image
 import streamlit as st
 
+from sae_lightning.explorer import heatmap
 from sae_lightning.explorer.game import N_CANDIDATES, N_TOP
-from sae_lightning.explorer.store import GRID_SIZE, Bundle
+from sae_lightning.explorer.store import GRID_SIZE, Bundle, open_bundle
 
 PAGES = {"overview": "Overview", "navigator": "Feature navigator", "feature": "Feature page",
          "game": "Guess the image", "inspect": "Inspect an image"}
@@ -37,32 +39,30 @@ SEED_NUMBERS = {"explained_variance_uncentred": ("explained variance (uncentred)
 
 @st.cache_resource(show_spinner="Loading the evaluation bundle")
 def load_bundle(eval_dir: str) -> Bundle:
-    return Bundle(eval_dir)
+    return open_bundle(eval_dir)
 
 
-@st.cache_data(show_spinner=False)
 def feature_table(eval_dir: str) -> pd.DataFrame:
-    """One row per feature: the columns the navigator filters and sorts on."""
-    b = load_bundle(eval_dir)
-    t = b.features
-    labels = np.sort(t["top_labels"], axis=1)  # the most common label among the top images (ties: smallest)
-    counts = (labels[:, :, None] == labels[:, None, :]).sum(2)
-    mode = labels[np.arange(len(labels)), counts.argmax(1)].tolist() if labels.shape[1] else [-1] * b.n_features
-    fired = t["top_indices"][:, 0] >= 0
-    names = [b.label_name(m) if ok else "" for m, ok in zip(mode, fired.tolist())]
-    auto = b.info.get("auto_labels") or {}
-    return pd.DataFrame({
-        "feature": np.arange(b.n_features),
-        "density": t["density"],
-        "log10_density": np.log10(t["density"].astype(np.float64) + 1e-10),
-        "mean_top_activation": t["mean_top_activation"],
-        "label_entropy": t["label_entropy"],
-        "in_cluster": t["in_cluster"] if "in_cluster" in t else np.zeros(b.n_features, bool),
-        "max_mlp_cosine": t["max_mlp_cosine"] if "max_mlp_cosine" in t else np.nan,
-        "aligned_neurons": t["aligned_neurons"] if "aligned_neurons" in t else -1,
-        "top_label": names,
-        "auto_label": [auto.get(str(f), "") for f in range(b.n_features)],
-    })
+    """One row per feature: the columns the navigator filters and sorts on (built once per bundle, shared:
+    read-only; st.cache_data would copy 65,536 rows on every rerun)."""
+    return load_bundle(eval_dir).table()
+
+
+@st.cache_resource(show_spinner=False)
+def scatter_points(eval_dir: str, n: int) -> pd.DataFrame:
+    """The Overview scatter's points: live features (a seeded random n of them beyond n), only the columns the
+    chart uses (Streamlit sends the whole frame to the browser) and one tooltip string each."""
+    df = feature_table(eval_dir)
+    live = df.loc[df["density"] > 0, ["feature", "log10_density", "mean_top_activation", "label_entropy",
+                                      "top_label"]]
+    if len(live) > n:
+        live = live.sample(n, random_state=0)
+    tooltip = ("feature " + live["feature"].astype(str) + ": " + live["top_label"] + ", mean top activation "
+               + live["mean_top_activation"].map("{:.3g}".format) + ", label entropy "
+               + live["label_entropy"].map("{:.2f}".format))
+    return pd.DataFrame({"feature": live["feature"], "log10_density": live["log10_density"],
+                         "log10_mean_top_activation": np.log10(live["mean_top_activation"].clip(lower=1e-30)),
+                         "label_entropy": live["label_entropy"], "tooltip": tooltip}).reset_index(drop=True)
 
 
 def eval_dir() -> str:
@@ -82,9 +82,15 @@ def thumbs(b: Bundle, keys: list[str]) -> dict[str, bytes]:
     return b.thumbs.get_many(list(keys))
 
 
-def image_grid(b: Bundle, items: list[tuple[str, float, int]], columns: int = 8, width: int = 88) -> None:
-    """Thumbnails with captions "<class>\n<activation>", `columns` per row."""
+def image_grid(b: Bundle, items: list[tuple[str, float, int]], columns: int = 8, width: int = 88,
+               heat: np.ndarray | None = None) -> None:
+    """Thumbnails with captions "<class>\n<activation>", `columns` per row; heat [len(items), grid_h, grid_w]:
+    per-patch activations drawn over them (one scale for all: the largest value among them)."""
     images = thumbs(b, [k for k, _, _ in items])
+    if heat is not None:
+        vmax = heatmap.scale(heat[: len(items)])
+        images = {key: heatmap.overlay(images[key], heat[i], vmax) for i, (key, _, _) in enumerate(items)
+                  if key in images}
     for start in range(0, len(items), columns):
         cols = st.columns(columns)
         for col, (key, value, label) in zip(cols, items[start : start + columns]):
@@ -129,17 +135,17 @@ def page_overview(b: Bundle, ed: str) -> None:
         x=alt.X("log10 density", bin="binned", title="log10(density + 1e-10)"), x2="end", y="features"),
         width="stretch")
     st.subheader("Density vs mean top activation (click a point to open the feature)")
-    live = df[df["density"] > 0].copy()
-    if len(live) > SCATTER_MAX_POINTS:
-        live = live.sample(SCATTER_MAX_POINTS, random_state=0)
-        st.caption(f"a random {SCATTER_MAX_POINTS:,} of the live features")
-    live["log10_mean_top_activation"] = np.log10(live["mean_top_activation"].clip(lower=1e-30))
+    live = scatter_points(ed, SCATTER_MAX_POINTS)
+    if len(live) < int((df["density"] > 0).sum()):
+        st.caption(f"a random {len(live):,} of the live features")
     pick = alt.selection_point(fields=["feature"], name="pick")
+    # one precomputed tooltip string per point: Streamlit's Vega runs every encoding expression through an
+    # interpreter, once per point, so a multi-field formatted tooltip costs seconds at 20,000 points
     scatter = alt.Chart(live).mark_circle(size=18).encode(
-        x=alt.X("log10_density", title="log10 density"),
-        y=alt.Y("log10_mean_top_activation", title="log10 mean top activation"),
-        color=alt.Color("label_entropy", scale=alt.Scale(scheme="viridis"), title="label entropy"),
-        tooltip=["feature", "density", "mean_top_activation", "label_entropy", "top_label"],
+        x=alt.X("log10_density:Q", title="log10 density"),
+        y=alt.Y("log10_mean_top_activation:Q", title="log10 mean top activation"),
+        color=alt.Color("label_entropy:Q", scale=alt.Scale(scheme="viridis"), title="label entropy"),
+        tooltip=alt.Tooltip("tooltip:N"),
     ).add_params(pick)
     st.altair_chart(scatter, on_select=scatter_clicked, key="scatter", width="stretch")
     st.subheader("Neuron alignment")
@@ -220,10 +226,20 @@ def page_feature(b: Bundle, ed: str) -> None:
     m[4].metric("in the low-density cluster", "yes" if "in_cluster" in t and bool(t["in_cluster"][f]) else "no")
     top = b.top_images(f, GRID_SIZE)
     st.subheader(f"Top {len(top)} images")
+    heat = b.heatmaps(f) if top and b.has_heatmaps else None
+    if heat is not None:
+        show = st.toggle("Heatmaps: the feature's activation on each patch", value=True, key="heatmaps")
+        if show:
+            gh, gw = heat.shape[1:]
+            st.caption(f"Each image's {gh}x{gw} patches tinted by the feature's activation on them, from none "
+                       f"(clear) to {heatmap.scale(heat[: len(top)]):.3g}, the largest over these images (yellow).")
+        else:
+            heat = None
     if top:
-        image_grid(b, top, columns=4, width=120)
+        image_grid(b, top, columns=4, width=120, heat=heat)
     else:
         st.info("This feature never fired on the held-out images.")
+    feature_visualisation(ed, f)
     left, right = st.columns(2)
     edges = np.asarray(b.info["hist_bins_log10"])
     counts = b.arrays["hist_counts"][f]
@@ -244,8 +260,37 @@ def page_feature(b: Bundle, ed: str) -> None:
         if first[j] and first[j][0][0] in images:
             col.image(images[first[j][0][0]], width=64)
         col.button(f"{j} ({c:.2f})", key=f"nn_{j}", on_click=open_feature, args=(j,))
-    if b.info.get("tokens") != "cls":
-        st.caption("Per-patch heatmaps over the top images are not in this bundle version.")
+    if b.info.get("tokens") not in (None, "cls") and not b.has_heatmaps:
+        st.caption("This bundle has no per-patch heatmaps (bundle format 1): re-run evaluate.py to add them.")
+
+
+@st.cache_data(show_spinner=False)
+def visualisation_summary(path: str, mtime: float) -> dict:
+    """visualise.py's summary.json (docs/visualisation.md), re-read when the file changes."""
+    return json.loads(Path(path).read_text())
+
+
+def feature_visualisation(ed: str, f: int) -> None:
+    """The images visualise.py optimised for feature f (<eval>/visualisations/), when there are any."""
+    folder = Path(ed) / "visualisations"
+    png = folder / f"feature_{f}_images.png"
+    if not png.is_file():
+        return
+    st.subheader("Feature visualisation (images optimised to drive this feature)")
+    summary, entry = folder / "summary.json", None
+    if summary.is_file():
+        try:
+            entry = visualisation_summary(str(summary), summary.stat().st_mtime)["features"].get(str(f))
+        except (ValueError, KeyError, TypeError):
+            entry = None
+    st.image(str(png), width="content")
+    if entry:
+        acts = ", ".join(f"{a:.3g}" for a in entry.get("activations") or [])
+        natural, ratio = entry.get("top_natural_activation"), entry.get("ratio")
+        st.caption(f"activation on each start: {acts}; best {fmt(entry.get('best_activation'))} against the top "
+                   f"natural image's {fmt(natural)} (ratio {fmt(ratio)}). Details: docs/visualisation.md.")
+    else:
+        st.caption(f"{png.name} (no entry for this feature in summary.json: an earlier visualise.py call).")
 
 
 def new_round() -> None:
@@ -320,7 +365,7 @@ def page_game(b: Bundle, ed: str) -> None:
 
 
 @st.cache_resource(show_spinner="Loading the backbone and the SAE")
-def load_models(run_dir: str):
+def load_models(run_dir: str, sae_name: str = ""):
     import hydra
     from omegaconf import OmegaConf
 
@@ -328,11 +373,13 @@ def load_models(run_dir: str):
 
     run = Path(run_dir)
     cfg_path = run / ".hydra" / "resolved.yaml"
-    if not cfg_path.is_file() or not (run / "sae" / "cfg.json").is_file():
-        raise FileNotFoundError(f"{run} is not a training run directory (no .hydra/resolved.yaml or sae/)")
+    sae_dir = run / "sae" / sae_name if sae_name else run / "sae"  # a run with several SAEs: sae/<name>/
+    if not cfg_path.is_file() or not (sae_dir / "cfg.json").is_file():
+        raise FileNotFoundError(f"{run} is not a training run directory (no .hydra/resolved.yaml or "
+                                f"{sae_dir.relative_to(run)}/cfg.json)")
     cfg = OmegaConf.load(cfg_path)
     backbone = hydra.utils.instantiate(cfg.backbone, device="cpu")
-    sae = SparseAutoencoder.load(run / "sae", device="cpu").eval()
+    sae = SparseAutoencoder.load(sae_dir, device="cpu").eval()
     return backbone, sae, backbone.resolve_layer(int(cfg.layer)), str(cfg.tokens)
 
 
@@ -342,7 +389,7 @@ def image_activations(run_dir: str, image: PIL.Image.Image) -> np.ndarray:
 
     from sae_lightning.backbone import select_tokens
 
-    backbone, sae, layer, tokens = load_models(run_dir)
+    backbone, sae, layer, tokens = load_models(run_dir, os.environ.get("SAE_EXPLORER_SAE_NAME", ""))
     x = backbone.preprocess(image.convert("RGB")).unsqueeze(0)
     with torch.no_grad():
         acts = sae.encode(select_tokens(backbone.residual(x, layer), tokens).float())

@@ -30,6 +30,7 @@ from sae_lightning.explorer.store import (
     BUNDLE_DIR,
     BUNDLE_VERSION,
     GRID_SIZE,
+    HEATMAPS_FILE,
     HIST_BINS,
     HIST_HIGH,
     HIST_LOW,
@@ -102,6 +103,49 @@ def nearest_features(decoder: torch.Tensor, n: int = 10, chunk: int = 1024) -> t
     return idx_out, cos_out
 
 
+class TopImageHeatmaps:
+    """Each feature's activation on every patch of its top images, filled image by image in the fetch pass.
+
+    top_indices: [F, k] stream indices (-1: empty slot, as in features.safetensors); the first `n_slots` slots
+    are kept. `maps` is [F, n_slots, P] float16, P the image's patch tokens in row-major grid order (NaN: an
+    empty slot or an image that was not found).
+    """
+
+    def __init__(self, top_indices: torch.Tensor, n_slots: int, n_patches: int) -> None:
+        idx = top_indices[:, :n_slots].long()
+        feats, slots = torch.nonzero(idx >= 0, as_tuple=True)
+        images = idx[feats, slots]
+        order = torch.argsort(images, stable=True)
+        self.images, self.feats, self.slots = images[order], feats[order], slots[order]
+        self.maps = torch.full((idx.shape[0], n_slots, n_patches), math.nan, dtype=torch.float16)
+
+    @torch.no_grad()
+    def update(self, patch_acts: torch.Tensor, indices: list[int]) -> None:
+        """patch_acts: [B, P, F] activations on the patch tokens of B images; indices: their stream indices."""
+        query = torch.tensor(indices, dtype=torch.long)
+        lo = torch.searchsorted(self.images, query).tolist()
+        hi = torch.searchsorted(self.images, query, right=True).tolist()
+        for b, (start, stop) in enumerate(zip(lo, hi)):
+            if start == stop:
+                continue
+            feats = self.feats[start:stop]
+            self.maps[feats, self.slots[start:stop]] = patch_acts[b][:, feats.to(patch_acts.device)].T.half().cpu()
+
+
+@torch.no_grad()
+def patch_activations(backbone, sae, images: torch.Tensor, *, layer: int, tokens: str,
+                      max_tokens: int = 4096) -> torch.Tensor:
+    """SAE activations on the patch tokens: images [B, 3, H, W] (preprocessed) -> [B, P, F], P = the patch grid's
+    cells in row-major order (for tokens="all" the class token is dropped). Encoded max_tokens rows at a time."""
+    if tokens not in ("patches", "all"):
+        raise ValueError(f"tokens={tokens!r} has no per-patch activations")
+    x = select_tokens(backbone.residual(images, layer), tokens)  # [B, T, d]
+    if tokens == "all":
+        x = x[:, 1:]
+    per_chunk = max(1, max_tokens // x.shape[1])
+    return torch.cat([sae.encode(x[i : i + per_chunk].float()) for i in range(0, x.shape[0], per_chunk)])
+
+
 def jpeg_bytes(image: PIL.Image.Image, size: int, quality: int = 85) -> bytes:
     buffer = io.BytesIO()
     PIL.Image.fromarray(thumbnail(image, size)).save(buffer, format="JPEG", quality=quality)
@@ -165,7 +209,7 @@ def _held_out_pass(backbone, sae, urls, *, layer, tokens, exclude: set[str], n_g
 
     samples = decode_samples(_raw_samples(urls), lambda im: im)
     for item in samples:
-        if item is None:
+        if not hasattr(item, "image"):  # an undecodable sample (logged by decode_samples)
             continue
         pending.append(item)
         if len(pending) == batch_size:
@@ -185,17 +229,32 @@ def _held_out_pass(backbone, sae, urls, *, layer, tokens, exclude: set[str], n_g
 
 
 def _fetch_top_images(urls, wanted: set[str], embed_keys: set[str], backbone, store: ThumbnailStore, size: int,
-                      device: torch.device, batch_size: int) -> dict[str, torch.Tensor]:
-    """Thumbnails of `wanted` into the store (a decode-only-what-is-needed pass); embeddings of `embed_keys`."""
+                      device: torch.device, batch_size: int,
+                      heat: tuple[TopImageHeatmaps, dict[str, int], Any] | None = None) -> dict[str, torch.Tensor]:
+    """Thumbnails of `wanted` into the store (a decode-only-what-is-needed pass); embeddings of `embed_keys`.
+
+    heat: (heatmaps, key -> stream index, activations(images) -> [B, P, F]) to record every wanted image's
+    per-patch activations as it passes (patch-token runs)."""
     embeddings: dict[str, torch.Tensor] = {}
-    rows, to_embed, found = [], [], 0
+    rows, to_embed, to_heat, found = [], [], [], 0
+
+    def flush_heat() -> None:
+        maps, index_of, activations = heat
+        batch = torch.stack([backbone.preprocess(t.image) for t in to_heat]).to(device)
+        maps.update(activations(batch), [index_of[t.key] for t in to_heat])
+        to_heat.clear()
+
     for item in decode_samples(_raw_samples(urls, wanted), lambda im: im):
-        if item is None:
+        if not hasattr(item, "image"):  # an undecodable sample (logged by decode_samples)
             continue
         rows.append((item.key, jpeg_bytes(item.image, size)))
         found += 1
         if item.key in embed_keys:
             to_embed.append(item)
+        if heat is not None:
+            to_heat.append(item)
+            if len(to_heat) >= batch_size:
+                flush_heat()
         if len(rows) >= 2048:
             store.put_many(rows)
             rows = []
@@ -207,6 +266,8 @@ def _fetch_top_images(urls, wanted: set[str], embed_keys: set[str], backbone, st
     store.put_many(rows)
     if to_embed:
         embeddings.update(zip([t.key for t in to_embed], _embed(backbone, [t.image for t in to_embed], device)))
+    if to_heat:
+        flush_heat()
     if found < len(wanted):
         log.warning("%d of %d top images were not found in the shards", len(wanted) - found, len(wanted))
     return embeddings
@@ -225,14 +286,16 @@ def write_explorer_bundle(eval_dir: str | Path, sae, backbone, *, layer: int, to
                           n_game: int = 1000, n_hist_images: int = 10_000, histograms: torch.Tensor | None = None,
                           auto_labels: dict[int, str] | None = None, n_neighbours: int = 10,
                           thumb_size: int = 128, batch_size: int = 64, device: str | torch.device = "cpu",
-                          seed: int = 0, chunk: int = 1024) -> dict[str, Any]:
+                          seed: int = 0, chunk: int = 1024, max_tokens: int = 4096) -> dict[str, Any]:
     """Write `<eval_dir>/explorer/` and return the game metric (explorer.game.game_metric on the bundle).
 
     Call after evaluation wrote features.safetensors/json. `shards`: the held-out shard URLs (top images are
     fetched from them by key; the game set is their first `n_game` images, in shard order, that are not a top
     image of any feature). `histograms`: [F, HIST_BINS] counts from an ActivationHistogram fed during the
     evaluation pass; None computes them over the first `n_hist_images` images of the shards instead.
-    `auto_labels`: feature id -> text, optional.
+    `auto_labels`: feature id -> text, optional. Patch-token runs (`tokens` "patches" or "all") also get
+    `heatmaps.safetensors`: each feature's activation on every patch of its top-16 images, computed in the
+    fetch pass (`max_tokens` SAE rows at a time).
     """
     from sae_lightning.explorer.game import game_metric
 
@@ -274,8 +337,21 @@ def write_explorer_bundle(eval_dir: str | Path, sae, backbone, *, layer: int, to
     gen = torch.Generator().manual_seed(seed)
     extra = live[torch.randperm(live.numel(), generator=gen)[:512]].tolist()
     embed_keys |= {meta["image_keys"][str(i)] for f in extra for i in top_idx[f].tolist() if i >= 0}
-    embeddings = _fetch_top_images(shards, top_keys, embed_keys, backbone, store, thumb_size, device, batch_size)
+    heat, grid = None, None
+    if tokens != "cls":
+        grid = [int(g) for g in backbone.visual.grid_size]
+        maps = TopImageHeatmaps(tensors["top_indices"], GRID_SIZE, grid[0] * grid[1])
+        index_of = {key: int(i) for i, key in meta["image_keys"].items()}
+        heat = (maps, index_of, lambda images: patch_activations(backbone, sae, images, layer=layer, tokens=tokens,
+                                                                 max_tokens=max_tokens))
+    embeddings = _fetch_top_images(shards, top_keys, embed_keys, backbone, store, thumb_size, device, batch_size,
+                                   heat)
     store.close()
+    if heat is not None:
+        save_file({"heatmaps": heat[0].maps.view(n_features, GRID_SIZE, *grid).contiguous()},
+                  str(out / HEATMAPS_FILE))
+    else:
+        (out / HEATMAPS_FILE).unlink(missing_ok=True)
 
     log.info("explorer: MLP cosines and nearest features of %d features (chunked)", n_features)
     neurons = backbone.mlp_out_vectors(layer)
@@ -314,6 +390,8 @@ def write_explorer_bundle(eval_dir: str | Path, sae, backbone, *, layer: int, to
         "top_embedding_keys": embed_list,
         "baseline_features": extra,
         "auto_labels": {str(k): v for k, v in auto_labels.items()} if auto_labels else None,
+        "heatmap_grid": grid,
+        "heatmap_slots": GRID_SIZE if grid else 0,
         "seed": seed,
     }
     (out / "bundle.json").write_text(json.dumps(info) + "\n")

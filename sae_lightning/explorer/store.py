@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-BUNDLE_VERSION = 1
+BUNDLE_VERSION = 2  # 2: heatmaps.safetensors and bundle.json heatmap_grid / heatmap_slots (patch-token runs)
+READABLE_VERSIONS = (1, 2)  # a version-1 bundle reads as one without heatmaps
 BUNDLE_DIR = "explorer"
+HEATMAPS_FILE = "heatmaps.safetensors"
 GRID_SIZE = 16
 # fixed histogram bins for every feature: log10(activation) in [HIST_LOW, HIST_HIGH], values outside clamp
 # into the end bins; only f > 0 is counted (the zeros are (1 - density) * n_tokens)
@@ -75,9 +78,9 @@ class Bundle:
             raise FileNotFoundError(f"{self.dir}/bundle.json not found: evaluate the run with the explorer "
                                     f"bundle (python evaluate.py run=<run>) first")
         self.info = json.loads((self.dir / "bundle.json").read_text())
-        if self.info.get("format_version") != BUNDLE_VERSION:
+        if self.info.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"{self.dir}: bundle format {self.info.get('format_version')}, this app reads "
-                             f"{BUNDLE_VERSION}: re-run evaluate.py")
+                             f"{', '.join(map(str, READABLE_VERSIONS))}: re-run evaluate.py")
         self.features: dict[str, np.ndarray] = load_file(str(self.eval_dir / "features.safetensors"))
         self.meta = json.loads((self.eval_dir / "features.json").read_text())
         metrics = self.eval_dir / "metrics.json"
@@ -85,10 +88,24 @@ class Bundle:
         with safe_open(str(self.dir / "explorer.safetensors"), "np") as fh:  # embeddings: game_metric only
             self.arrays = {k: fh.get_tensor(k) for k in fh.keys() if k not in EMBEDDINGS}
         self._cosines = safe_open(str(self.dir / "mlp_cosines.safetensors"), "np")
+        heat = self.dir / HEATMAPS_FILE
+        self._heatmaps = safe_open(str(heat), "np") if self.info.get("heatmap_grid") and heat.is_file() else None
         self.thumbs = ThumbnailStore(self.dir / "thumbnails.sqlite")
         self.classnames: list[str] | None = self.meta.get("classnames")
         self.n_features = int(self.info["n_features"])
         self.game_keys: list[str] = self.info["game_keys"]
+        self._table = None
+        self._table_lock = threading.Lock()
+
+    def table(self):
+        """The navigator's per-feature table (a pandas DataFrame, one row per feature; built once, then shared:
+        treat it as read-only). Columns: feature, density, log10_density, mean_top_activation, label_entropy,
+        in_cluster, max_mlp_cosine, aligned_neurons, top_label (the most common class among the top images),
+        auto_label."""
+        with self._table_lock:
+            if self._table is None:
+                self._table = _feature_table(self)
+            return self._table
 
     def label_name(self, label: int) -> str:
         if self.classnames and 0 <= label < len(self.classnames):
@@ -103,6 +120,17 @@ class Bundle:
         """[H] cosines of feature f's encoder vector with every MLP neuron (read lazily, one row)."""
         row = self._cosines.get_slice("mlp_cosine_q")[f : f + 1]
         return row[0].astype(np.float32) / self.info["mlp_cosine_scale"]
+
+    @property
+    def has_heatmaps(self) -> bool:
+        return self._heatmaps is not None
+
+    def heatmaps(self, f: int) -> np.ndarray | None:
+        """[heatmap_slots, grid_h, grid_w] float32: feature f's activation on every patch of its top images, in
+        the order of `top_images(f)` (NaN: empty slot); None when the bundle has none (class-token runs)."""
+        if self._heatmaps is None:
+            return None
+        return self._heatmaps.get_slice("heatmaps")[f : f + 1][0].astype(np.float32)
 
     def top_images(self, f: int, n: int = GRID_SIZE) -> list[tuple[str, float, int]]:
         """(key, activation, label) of feature f's filled top slots, descending."""
@@ -126,3 +154,80 @@ class Bundle:
         """game_embeddings [n_game, D] and top_embeddings [M, D] (float16, normalised)."""
         with safe_open(str(self.dir / "explorer.safetensors"), "np") as fh:
             return {k: fh.get_tensor(k) for k in EMBEDDINGS}
+
+
+def _feature_table(b: Bundle):
+    import pandas as pd
+
+    t = b.features
+    labels = np.sort(t["top_labels"], axis=1)  # the most common label among the top images (ties: smallest)
+    counts = (labels[:, :, None] == labels[:, None, :]).sum(2)
+    mode = labels[np.arange(len(labels)), counts.argmax(1)].tolist() if labels.shape[1] else [-1] * b.n_features
+    fired = t["top_indices"][:, 0] >= 0
+    names = [b.label_name(m) if ok else "" for m, ok in zip(mode, fired.tolist())]
+    auto = b.info.get("auto_labels") or {}
+    return pd.DataFrame({
+        "feature": np.arange(b.n_features),
+        "density": t["density"],
+        "log10_density": np.log10(t["density"].astype(np.float64) + 1e-10),
+        "mean_top_activation": t["mean_top_activation"],
+        "label_entropy": t["label_entropy"],
+        "in_cluster": t["in_cluster"] if "in_cluster" in t else np.zeros(b.n_features, bool),
+        "max_mlp_cosine": t["max_mlp_cosine"] if "max_mlp_cosine" in t else np.nan,
+        "aligned_neurons": t["aligned_neurons"] if "aligned_neurons" in t else -1,
+        "top_label": names,
+        "auto_label": [auto.get(str(f), "") for f in range(b.n_features)] if auto else [""] * b.n_features,
+    })
+
+
+_preloaded: dict[str, threading.Thread | Bundle | BaseException] = {}
+
+
+def preload(eval_dir: str | Path, after: str | None = None) -> None:
+    """Open the bundle and build its feature table in a background thread, so the app's first page finds them
+    ready; `open_bundle` picks the result up. `after`: a URL to wait for first (the launcher passes the
+    server's health check: loading then overlaps the browser loading the page, not the server starting,
+    which it would slow down, the two sharing one interpreter lock)."""
+    key = str(Path(eval_dir))
+
+    def work() -> None:
+        try:
+            if after is not None:
+                _wait_for(after, timeout=60.0)
+            import altair  # noqa: F401 - the app's own imports, done while the server starts
+            import pandas  # noqa: F401
+
+            bundle = Bundle(key)
+            bundle.table()
+            _preloaded[key] = bundle
+        except BaseException as exn:  # noqa: BLE001 - re-raised by open_bundle in the app's thread
+            _preloaded[key] = exn
+
+    thread = threading.Thread(target=work, name="explorer-preload", daemon=True)
+    _preloaded[key] = thread
+    thread.start()
+
+
+def _wait_for(url: str, timeout: float) -> None:
+    import time
+    import urllib.request
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+
+
+def open_bundle(eval_dir: str | Path) -> Bundle:
+    """The preloaded bundle of `eval_dir` when `preload` was called for it (waiting for it), else a new one."""
+    key = str(Path(eval_dir))
+    found = _preloaded.pop(key, None)
+    if isinstance(found, threading.Thread):
+        found.join()
+        found = _preloaded.pop(key, None)
+    if isinstance(found, BaseException):
+        raise found
+    return found if isinstance(found, Bundle) else Bundle(key)
