@@ -121,9 +121,11 @@ def record_saes(cfg: DictConfig, variants: dict[str, DictConfig]) -> dict:
 
 def sae_metadata(cfg: DictConfig, backbone, datamodule) -> dict:
     """What an exported SAE must know about where its inputs came from (cfg.json `metadata`)."""
-    if backbone is None:  # stored or planted activations: no model, layer or image size
-        return {"dataset": str(OmegaConf.to_container(cfg.data, resolve=True).get("activations")),
-                "expansion": cfg.expansion, "l1_coefficient": cfg.l1_coefficient, "lr": cfg.lr}
+    if backbone is None:  # stored or planted activations: no image size; a cache knows its model and layer
+        source = getattr(datamodule, "sae_metadata", None)
+        origin = source() if source else {"dataset": str(OmegaConf.to_container(cfg.data, resolve=True).get(
+            "activations"))}
+        return {**origin, "expansion": cfg.expansion, "l1_coefficient": cfg.l1_coefficient, "lr": cfg.lr}
     return {
         "backbone": backbone.name,
         "pretrained": backbone.pretrained,

@@ -19,6 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from safetensors.torch import load_file, save_file
 
+from sae_lightning import SparseAutoencoder
 from sae_lightning.data.cache import CacheDataModule, CacheStream
 from sae_lightning.data.cache_format import MANIFEST, CacheError, read_manifest, shard_metadata
 from sae_lightning.data.cache_write import CacheWriter
@@ -338,8 +339,10 @@ def test_interrupted_and_resumed_training_gives_the_same_sae(tmp_path, written_c
         assert state.keys() == reference.keys()
         for key, value in reference.items():
             torch.testing.assert_close(state[key], value, atol=1e-5, rtol=0, msg=f"{run.name}: {key}")
-    sae = load_file(str(stopped / "sae" / "sae_weights.safetensors"))
-    assert sae["W_enc"].shape == (64, 128)  # d_in from the manifest, expansion 2
+    sae = SparseAutoencoder.load(stopped / "sae")
+    assert sae.W_enc.shape == (64, 128)  # d_in from the manifest, expansion 2
+    assert {k: sae.metadata[k] for k in ("backbone", "layer", "tokens", "dataset")} == {
+        "backbone": "sae-tiny-vit", "layer": 2, "tokens": "cls", "dataset": str(written_cache)}
 
 
 @pytest.mark.slow

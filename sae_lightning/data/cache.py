@@ -250,6 +250,12 @@ class CacheDataModule(LightningDataModule):
             out["init_activations"] = batch["init_activations"].float()
         return out
 
+    def sae_metadata(self) -> dict[str, Any]:
+        """Where the SAE's inputs came from, for its cfg.json (as the image path writes it, from the manifest)."""
+        m = self.manifest
+        return {"backbone": m["model"], "pretrained": m["pretrained"], "layer": m["layer"], "tokens": m["tokens"],
+                "tokens_per_image": m["tokens_per_image"], "dataset": str(self.path), "cache_hash": m["config_hash"]}
+
     def cache_identity(self) -> dict[str, Any]:
         keys = ("model", "pretrained", "layer", "tokens", "d_in", "config_hash")
         return {k: self.manifest.get(k) for k in keys}
