@@ -185,3 +185,72 @@ def test_resume_refuses_other_saes(multi_run, tmp_path):
                           f"ckpt_path={last}"))
     with pytest.raises(ValueError, match="the SAEs' names"):
         train_cfg(planted(tmp_path, TWO, f"ckpt_path={last}"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_every_sae_and_the_resume_finishes_them(tmp_path):
+    with pytest.raises(SystemExit) as stop:
+        train_cfg(planted(tmp_path, TWO, "+callbacks.stop._target_=tests.helpers.SignalAtStep",
+                          "+callbacks.stop.step=12"))
+    assert stop.value.code == 143
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    step = ckpt["global_step"]
+    assert 12 <= step < 20 and step % 5  # saved at the signal, not at a scheduled checkpoint
+    assert read_sae_step(tmp_path / "sae" / "a") == read_sae_step(tmp_path / "sae" / "b") == step
+    assert [float(o["state"][0]["step"]) for o in ckpt["optimizer_states"]] == [float(step)] * 2
+    train_cfg(planted(tmp_path, TWO, f"ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}"))
+    assert read_sae_step(tmp_path / "sae" / "a") == read_sae_step(tmp_path / "sae" / "b") == 20
+
+
+@pytest.fixture(scope="module")
+def image_multi_run(tmp_path_factory, data_dir, tiny_shards) -> Path:
+    """Two SAEs (standard, TopK k=4) on the tiny ViT's class tokens: 30 steps of the shrunk demo."""
+    from tests.conftest import demo_overrides
+
+    out = tmp_path_factory.mktemp("image_multi")
+    return train_cfg(demo_overrides(out, data_dir, tiny_shards, [
+        "saes={relu:{}}", "+saes.topk.sae={_target_:sae_lightning.sae.TopKSAE,k:4,mse:plain}"]))
+
+
+@pytest.mark.slow
+def test_image_run_logs_each_sae_to_its_own_tensorboard_run(image_multi_run):
+    for name in ("relu", "topk"):
+        events = EventAccumulator(str(image_multi_run / "tensorboard" / image_multi_run.name / name),
+                                  size_guidance={"scalars": 0, "histograms": 0})
+        events.Reload()
+        tags = events.Tags()
+        assert {"losses/total", "metrics/l0", "contrastive/loss_sae", "contrastive/loss_original",
+                "features/dead_features", "final/step"} <= set(tags["scalars"]), name
+        assert "features/log10_density" in tags["histograms"]
+        assert len(events.Scalars("contrastive/loss_original")) == 1
+    topk_l0 = EventAccumulator(str(image_multi_run / "tensorboard" / image_multi_run.name / "topk"))
+    topk_l0.Reload()
+    assert all(e.value <= 4 for e in topk_l0.Scalars("metrics/l0"))
+
+
+@pytest.mark.slow
+def test_evaluate_writes_each_sae_into_its_own_folder(image_multi_run):
+    from hydra import compose, initialize_config_dir
+
+    from sae_lightning.evaluation.run import evaluate_run
+
+    def eval_cfg(*extra):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose(config_name="evaluate", overrides=[
+                f"run={image_multi_run}", "n_images=48", "top_k=5", "batch_size=16", "contrastive_batch_size=16",
+                "num_workers=0", "device=cpu", "n_grid_features=1", "n_game=8", "explorer=false", *extra])
+
+    results = evaluate_run(eval_cfg())
+    assert set(results) == {"relu", "topk"}
+    for name in ("relu", "topk"):
+        metrics = json.loads((image_multi_run / "eval" / name / "metrics.json").read_text())
+        assert metrics["sae_path"] == str(image_multi_run / "sae" / name) and metrics["n_images"] == 48
+        assert metrics["l0"] == pytest.approx(results[name]["l0"])
+        assert (image_multi_run / "eval" / name / "features.safetensors").is_file()
+    assert results["topk"]["l0"] <= 4 and results["relu"]["l0"] != results["topk"]["l0"]
+    # one SAE: only its folder is rewritten
+    before = (image_multi_run / "eval" / "relu" / "metrics.json").stat().st_mtime_ns
+    assert set(evaluate_run(eval_cfg("sae_name=topk"))) == {"topk"}
+    assert (image_multi_run / "eval" / "relu" / "metrics.json").stat().st_mtime_ns == before
+    with pytest.raises(ValueError, match="holds the SAEs relu, topk"):
+        evaluate_run(eval_cfg("sae_name=nope"))

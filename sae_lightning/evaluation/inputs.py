@@ -82,6 +82,23 @@ def check_config(cfg: DictConfig) -> None:
         raise ValueError(f"features={cfg.get('features')!r}: must be a list of feature ids, e.g. features=[1,2]")
 
 
+STOPPED_FILE = "training_stopped.json"  # MultiSAETrainingModule.STOPPED_FILE
+
+
+def run_sae_names(run: Path, run_cfg: DictConfig | None = None) -> list[str] | None:
+    """The SAEs of a multi-SAE run (`saes:` in its config; exports in <run>/sae/<name>/), or None for a run
+    of one SAE (<run>/sae/cfg.json)."""
+    if (run / "sae" / "cfg.json").is_file():
+        return None
+    saes = OmegaConf.select(run_cfg, "saes", default=None) if run_cfg is not None else None
+    if saes:
+        return sorted(str(name) for name in saes)
+    folders = run / "sae"
+    found = sorted(p.name for p in folders.iterdir() if p.is_dir() and not p.name.endswith((".tmp", ".old"))
+                   and ((p / "cfg.json").is_file() or (p / STOPPED_FILE).is_file())) if folders.is_dir() else []
+    return found or None
+
+
 def load_run_config(run_dir: str | Path | None) -> tuple[Path, DictConfig]:
     """The run directory and its composed, resolved training config; clear errors for a wrong `run`."""
     if not run_dir:
@@ -89,7 +106,7 @@ def load_run_config(run_dir: str | Path | None) -> tuple[Path, DictConfig]:
     run = Path(run_dir).expanduser().resolve()
     if not run.is_dir():
         raise FileNotFoundError(f"run={run_dir!r}: no such directory")
-    if not (run / "sae" / "cfg.json").is_file():
+    if not (run / "sae" / "cfg.json").is_file() and not run_sae_names(run):
         raise FileNotFoundError(
             f"run={run_dir!r} has no exported SAE ({run / 'sae'}/cfg.json): is it a training run directory, "
             f"and did training reach its first checkpoint/export?")
@@ -146,11 +163,58 @@ def image_resolution_warning(n_images: int) -> str | None:
             f"at least {math.ceil(1 / ULTRA_RARE_DENSITY):,} images (the seed: 524,288 held-out).")
 
 
-def prepare_inputs(cfg: DictConfig) -> EvalInputs:
-    """Check everything, load the SAE and the backbone; writes nothing."""
+def select_saes(cfg: DictConfig) -> list[str | None]:
+    """Which SAEs of `cfg.run` to evaluate: [None] for a run of one SAE; for a multi-SAE run `sae_name`, or
+    every SAE that has an export (one stopped before its first export is left out, with a warning)."""
+    run, run_cfg = load_run_config(cfg.run)
+    names = run_sae_names(run, run_cfg)
+    wanted = cfg.get("sae_name")
+    if names is None:
+        if wanted:
+            raise ValueError(f"sae_name={wanted!r}: {run} holds one SAE (in sae/); leave sae_name out")
+        return [None]
+    if wanted:
+        if str(wanted) not in names:
+            raise ValueError(f"sae_name={wanted!r}: {run} holds the SAEs {', '.join(names)}")
+        if not (run / "sae" / str(wanted) / "cfg.json").is_file():
+            raise FileNotFoundError(f"sae_name={wanted!r}: {run / 'sae' / str(wanted)} has no export "
+                                    f"({_stopped_note(run, str(wanted)) or 'training never reached its first export'})")
+        return [str(wanted)]
+    chosen = []
+    for name in names:
+        if (run / "sae" / name / "cfg.json").is_file():
+            chosen.append(name)
+        else:
+            log.warning("SAE %r has no export (%s): not evaluated.", name,
+                        _stopped_note(run, name) or "training never reached its first export")
+    if not chosen:
+        raise FileNotFoundError(f"run={cfg.run!r}: none of its SAEs ({', '.join(names)}) has an export")
+    return chosen
+
+
+def _stopped_note(run: Path, name: str) -> str | None:
+    """A sentence from <run>/sae/<name>/training_stopped.json, if the SAE was stopped during training."""
+    path = run / "sae" / name / STOPPED_FILE
+    if not path.is_file():
+        return None
+    import json
+
+    record = json.loads(path.read_text())
+    exported = record.get("exported_step")
+    return (f"training stopped it at step {record.get('step')} ("
+            f"{'its export is from step ' + str(exported) if exported is not None else 'before its first export'}"
+            f"): {record.get('reason')}")
+
+
+def prepare_inputs(cfg: DictConfig, sae_name: str | None = None, backbone: Any = None) -> EvalInputs:
+    """Check everything, load the SAE and the backbone (unless given); writes nothing.
+
+    `sae_name`: one SAE of a multi-SAE run (<run>/sae/<name>/, evaluated into <out>/<name>/)."""
     check_config(cfg)
     run, run_cfg = load_run_config(cfg.run)
     out = resolve_out_dir(cfg, run)
+    if sae_name is not None:
+        out = out / sae_name
     device = resolve_device(str(cfg.device))
 
     shard_spec = cfg.val_shards or OmegaConf.select(run_cfg, "data.val_shards")
@@ -161,13 +225,14 @@ def prepare_inputs(cfg: DictConfig) -> EvalInputs:
     classnames = load_classnames(names_spec, urls)
     source = names_spec or ("classnames.txt beside the shards" if classnames else None)
 
-    sae_dir = run / "sae"
+    sae_dir = run / "sae" if sae_name is None else run / "sae" / sae_name
     sae = load_sae_checked(sae_dir, device)
     features = [int(f) for f in cfg.features]
     if any(not 0 <= f < sae.d_sae for f in features):
         raise ValueError(f"features={features}: feature ids must be in 0..{sae.d_sae - 1}")
 
-    backbone = hydra.utils.instantiate(run_cfg.backbone, device=str(device))
+    if backbone is None:
+        backbone = hydra.utils.instantiate(run_cfg.backbone, device=str(device))
     if backbone.width != sae.d_in:
         raise ValueError(f"the SAE's d_in {sae.d_in} != the backbone's width {backbone.width}")
     layer = backbone.resolve_layer(int(run_cfg.layer))
@@ -179,6 +244,9 @@ def prepare_inputs(cfg: DictConfig) -> EvalInputs:
         inputs.warn(
             f"the SAE's metadata (layer {sae.metadata.get('layer')}, tokens {sae.metadata.get('tokens')}) "
             f"disagrees with the run config (layer {layer}, tokens {tokens})")
+    stopped = _stopped_note(run, sae_name) if sae_name is not None else None
+    if stopped:
+        inputs.warn(f"SAE {sae_name!r}: {stopped}")
     if not classnames:
         inputs.warn("no class names (classnames=... or classnames.txt beside the shards): the "
                                "contrastive loss, zero-shot accuracy and KL are undefined")

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from sae_lightning.data.shards import image_loader
 from sae_lightning.evaluation.analyses import analyse, make_consumers
-from sae_lightning.evaluation.inputs import image_resolution_warning, prepare_inputs
+from sae_lightning.evaluation.inputs import EvalInputs, image_resolution_warning, prepare_inputs, select_saes
 from sae_lightning.evaluation.outputs import write_evaluation
 from sae_lightning.evaluation.stream import count_shard_images, stream_pass
 
@@ -33,19 +33,32 @@ class _QuietOpenClip(logging.Filter):
 
 
 def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
-    """Everything `python evaluate.py run=...` does; returns the metrics written to metrics.json."""
+    """Everything `python evaluate.py run=...` does; returns the metrics written to metrics.json.
+
+    A multi-SAE run (`saes:`): every SAE (or `sae_name`) into <out>/<name>/; returns {name: metrics}."""
     quiet = _QuietOpenClip()
     root = logging.getLogger()
     root.addFilter(quiet)  # open_clip logs on the root logger
     try:
-        return _evaluate(cfg)
+        names = select_saes(cfg)
+        if names == [None]:
+            return _evaluate(cfg, prepare_inputs(cfg))
+        # every SAE checked (loadable, finite, matching the backbone) before the first is evaluated
+        backbone, prepared = None, {}
+        for name in names:
+            prepared[name] = prepare_inputs(cfg, sae_name=name, backbone=backbone)
+            backbone = prepared[name].backbone
+        results = {}
+        for name, inputs in prepared.items():
+            log.info("SAE %s (%d of %d) -> %s", name, len(results) + 1, len(prepared), inputs.out)
+            results[name] = _evaluate(cfg, inputs)
+        return results
     finally:
         root.removeFilter(quiet)
 
 
-def _evaluate(cfg: DictConfig) -> dict[str, Any]:
+def _evaluate(cfg: DictConfig, inputs: EvalInputs) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
-    inputs = prepare_inputs(cfg)
     available = count_shard_images(inputs.urls, int(cfg.n_images))
     expected = min(int(cfg.n_images), available) if available is not None else int(cfg.n_images)
     warning = image_resolution_warning(expected)
