@@ -22,15 +22,16 @@ log = logging.getLogger("cache")
 
 
 @hydra.main(config_path="conf", config_name="cache", version_base="1.3")
-def main(cfg: DictConfig) -> int:
+def main(cfg: DictConfig) -> None:
     quiet_console()
     try:
-        return CacheWriter(cfg).run()
+        code = CacheWriter(cfg).run()  # 0 complete, 143/130 stopped by SIGTERM/SIGINT (what is complete is kept)
     except (ValueError, FileNotFoundError) as err:  # a clear, actionable refusal (CacheError included)
         log.error("%s", err)
-        return 2
+        code = 2
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.exit(code or 0)
+    main()

@@ -184,8 +184,9 @@ def test_train_py_names_every_cache_problem_before_any_work(tmp_path, written_ca
     from sae_lightning.validation import validate_train_config
 
     cfg = compose_config(["experiment=demo", "data=cache", f"data.path={tmp_path / 'missing'}",
-                          f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path / 'run'}"])
-    with pytest.raises(ValueError, match=r"(?s)2 problems.*add '~backbone'.*no such directory.*python cache.py"):
+                          f"paths.root_dir={ROOT}", f"paths.output_dir={tmp_path / 'run'}", "data.window_blocks=0"])
+    with pytest.raises(ValueError, match=r"(?s)3 problems.*data.window_blocks=0: must be an integer >= 1.*"
+                                         r"add '~backbone'.*no such directory.*python cache.py"):
         validate_train_config(cfg)
     validate_train_config(compose_config(["data=cache", f"data.path={written_cache}", f"paths.root_dir={ROOT}"]))
     assert not (tmp_path / "run").exists()

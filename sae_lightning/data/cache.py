@@ -310,6 +310,10 @@ def cache_problems(cfg: Any) -> list[str]:
     from omegaconf import OmegaConf
 
     problems = []
+    for key, low in (("block_rows", 1), ("window_blocks", 1), ("num_workers", 0)):
+        value = OmegaConf.select(cfg, f"data.{key}", default=None)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            problems.append(f"data.{key}={value!r}: must be an integer >= {low}")
     if cfg.get("backbone") is not None:
         problems.append("data=cache trains from stored activations without a backbone, but a backbone is selected "
                         "(experiment=demo picks one): add '~backbone' to the command")

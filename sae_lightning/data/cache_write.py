@@ -265,6 +265,10 @@ class CacheWriter:
         self.dtype = DTYPES[cfg.cache.dtype]
 
     def run(self) -> int:
+        with _StopFlag() as self.stop:  # from the start: a signal while the backbone loads stops at the first batch
+            return self._run()
+
+    def _run(self) -> int:
         cfg = self.cfg
         manifest = prepare_directory(self.directory, self.identity, overwrite=bool(cfg.get("overwrite")),
                                      verify=bool(cfg.cache.get("verify", True)))
@@ -327,7 +331,8 @@ class CacheWriter:
             skip_samples={url: keys for url, keys in skip_samples.items()},
         )
         bar = tqdm(total=total, initial=initial, desc="Caching", unit="img", dynamic_ncols=True, smoothing=0.05)
-        with _StopFlag() as stop, bar:
+        stop = self.stop
+        with bar:
             iterator = iter(loader)
             try:
                 for batch in iterator:
