@@ -7,6 +7,7 @@ exported with its generator to outputs/benchmarks/planted/<row> so the scores ca
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, replace
@@ -60,14 +61,19 @@ def architecture_runs(quick: bool = False) -> dict[str, PlantedRun]:
     return runs
 
 
-def run_architectures(quick: bool = False, only: str | None = None) -> tuple[list, bool]:
+def run_architectures(quick: bool = False, only: str | None = None, changes: dict | None = None,
+                      knobs: dict | None = None, tag: str = "") -> tuple[list, bool]:
     """Train and score every architecture on every variant; rows for the table, and whether every export
-    re-scored identically. `only`: a substring the row names must contain."""
+    re-scored identically. `only`: a substring the row names must contain; `changes`: PlantedRun fields and
+    `knobs`: architecture knobs to change in every run (a sweep), written under `arch-<tag>/`."""
     rows, reproduced = [], True
-    out = OUT / ("arch-quick" if quick else "arch")
+    out = OUT / ("arch-quick" if quick else "arch" + (f"-{tag}" if tag else ""))
     for name, planted_run in architecture_runs(quick).items():
         if only and only not in name:
             continue
+        if changes or knobs:
+            planted_run = replace(planted_run, **(changes or {}),
+                                  sae_kwargs={**(planted_run.sae_kwargs or {}), **(knobs or {})} or None)
         start = time.perf_counter()
         _, scores = train_planted(planted_run, out / name)
         elapsed = time.perf_counter() - start
@@ -158,6 +164,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Planted-feature recovery by architecture (prints the rows).")
     parser.add_argument("--quick", action="store_true", help="300 steps of 128: a smoke test")
     parser.add_argument("--only", default=None, help="run only rows whose '<data>/<architecture>' contains this")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a PlantedRun field in every run (a sweep; needs --tag)")
+    parser.add_argument("--knob", action="append", default=[], metavar="KNOB=VALUE",
+                        help="change an architecture knob (sae_kwargs) in every run (a sweep; needs --tag)")
+    parser.add_argument("--tag", default="", help="write to outputs/benchmarks/planted/arch-<tag>/")
     args = parser.parse_args()
+    if (args.set or args.knob) and not args.tag:
+        parser.error("--set/--knob change the runs: give --tag so the table's exports are not overwritten")
+
+    def parse(items: list[str]) -> dict:
+        return {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
+
     print(" | ".join(ARCH_HEADER))
-    run_architectures(args.quick, args.only)
+    run_architectures(args.quick, args.only, parse(args.set), parse(args.knob), args.tag)

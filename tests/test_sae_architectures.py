@@ -178,7 +178,7 @@ def auxk_reference(x, x_hat, pre, W_dec, dead, k_aux):
         e_hat = sum(float(pre[n, i]) * W_dec[i] for i in chosen)
         e = x[n] - x_hat[n]
         total += float(((e - e_hat) ** 2).sum())
-    return min(len(dead_idx) / k_aux, 1.0) * total / x.shape[0]
+    return min(len(dead_idx) / k_aux, 1.0) * total / x.numel()  # the mean over rows and dimensions, as the mse
 
 
 @pytest.mark.parametrize("n_dead", [0, 2, 7, 20])
@@ -190,6 +190,21 @@ def test_auxk_matches_an_independent_formula(n_dead):
     dead[torch.randperm(20, generator=g)[:n_dead]] = True
     got = F_sae.auxk_loss(x, x_hat, pre, W_dec, dead, k_aux=4)
     assert got.item() == pytest.approx(auxk_reference(x, x_hat, pre, W_dec, dead, 4), rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize("mse", ["plain", "normalised"])
+def test_auxk_is_on_the_scale_of_the_main_mse(mse):
+    """Dead features with zero decoder rows predict e_hat = 0, so AuxK's error is the main residual itself: with
+    coefficient 1 and at least k_aux dead features it equals the main mse, whatever d is (it used to be d times
+    larger: summed over dimensions while the mse is averaged, so the 1/32 of Gao et al. weighed d/32)."""
+    torch.manual_seed(0)
+    sae = TopKSAE(16, 32, k=3, aux_k=4, aux_coefficient=1.0, mse=mse)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[20:] = True
+    with torch.no_grad():
+        sae.W_dec[dead] = 0.0
+    out = sae.loss(torch.randn(8, 16) + 1.0, dead_mask=dead)
+    assert out.ghost.item() == pytest.approx(out.mse.item(), rel=1e-5)
 
 
 def test_auxk_gradient_reaches_only_dead_features():

@@ -73,3 +73,23 @@ def test_train_py_planted_experiment_with_each_architecture(tmp_path, name, extr
     assert (sae.d_in, sae.d_sae) == (256, 1024)
     assert json.loads((tmp_path / "sae" / "cfg.json").read_text())["architecture"] == SAVED_AS[name]
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 12
+
+
+@pytest.mark.slow
+def test_batchtopk_threshold_is_the_same_on_every_ddp_rank(tmp_path):
+    """Two CPU processes with gloo, each on its own share of the data: the inference threshold (exported from
+    rank 0) is averaged over the ranks' batch statistics, so both ranks end with the same one."""
+    from tests.test_training import run_train_cli
+
+    result = run_train_cli(["experiment=planted", "sae=batchtopk", "sae.k=5", "trainer=ddp",
+                            "trainer.accelerator=cpu", "trainer.devices=2", "max_steps=12",
+                            "data.activations.n=4096", "data.buffer_size=512", "trainer.enable_progress_bar=false",
+                            f"hydra.run.dir={tmp_path}", "+callbacks.ranks._target_=tests.helpers.RankStateDump",
+                            f"+callbacks.ranks.directory={tmp_path / 'ranks'}"],
+                           env_extra={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert float(ranks[0]["topk_threshold"]) > 0
+    assert torch.equal(ranks[0]["topk_threshold"], ranks[1]["topk_threshold"])
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        assert torch.equal(ranks[0][key], ranks[1][key]), key

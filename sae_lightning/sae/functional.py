@@ -6,6 +6,7 @@ Kept as plain functions on tensors so each formula can be read, and checked, in 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 
 EPS = 1e-6
 NORM_FLOOR = 1e-2  # of the batch's mean norm: the smallest ||x_b|| the normalised mse divides by
@@ -187,17 +188,19 @@ def step(z: torch.Tensor, theta: torch.Tensor, bandwidth: float) -> torch.Tensor
 
 
 def auxk_loss(x: torch.Tensor, x_hat: torch.Tensor, hidden_pre: torch.Tensor, W_dec: torch.Tensor,
-              dead_mask: torch.Tensor, k_aux: int) -> torch.Tensor:
+              dead_mask: torch.Tensor, k_aux: int, normalised: bool = False) -> torch.Tensor:
     """AuxK (Gao et al. 2024, section A.2 / appendix B.1): the k_aux largest pre-activations among the dead
     features model the main reconstruction's residual.
 
     x, x_hat [N, d]; hidden_pre [N, F]; W_dec [F, d]; dead_mask [F] bool; returns a scalar.
     e = sg(x - x_hat); z_aux = TopK_{k_aux}(hidden_pre restricted to dead features) (raw pre-activations, as
     SAELens does, so a dead feature with negative pre-activations still gets a gradient); e_hat = z_aux W_dec
-    (no b_dec: e has none); loss = min(n_dead / k_aux, 1) * mean_n ||e_n - e_hat_n||^2 (the scale, SAELens's,
-    keeps a handful of dead features from dominating). Dense and fixed-shape: with fewer than k_aux dead
-    features the extra picks are live features masked to -inf and contribute 0; with none the loss is 0;
-    no host-device synchronisation.
+    (no b_dec: e has none); loss = min(n_dead / k_aux, 1) * mse(e_hat, e), the mse reduced exactly as the
+    main loss's (`mse_elementwise(..., normalised)` averaged over rows and dimensions; a normalised one
+    divides by ||x||), so the AuxK coefficient weighs it against the main mse as Gao et al.'s alpha does,
+    whatever d is. The scale min(n_dead / k_aux, 1) is SAELens's: it keeps a handful of dead features from
+    dominating. Dense and fixed-shape: with fewer than k_aux dead features the extra picks are live features
+    masked to -inf and contribute 0; with none the loss is 0; no host-device synchronisation.
     """
     k_aux = min(int(k_aux), hidden_pre.shape[-1])
     residual = (x - x_hat).detach()
@@ -206,9 +209,12 @@ def auxk_loss(x: torch.Tensor, x_hat: torch.Tensor, hidden_pre: torch.Tensor, W_
     values = torch.where(torch.isfinite(top.values), top.values, torch.zeros_like(top.values))
     z_aux = torch.zeros_like(hidden_pre).scatter(-1, top.indices, values)
     e_hat = z_aux @ W_dec
+    err = (e_hat - residual).pow(2)
+    if normalised:
+        err = err / safe_norm(x)
     n_dead = dead_mask.sum().to(hidden_pre.dtype)
     scale = (n_dead / k_aux).clamp(max=1.0)
-    return scale * (e_hat - residual).pow(2).sum(-1).mean()
+    return scale * err.mean()
 
 
 @torch.no_grad()
@@ -217,11 +223,20 @@ def update_threshold_ema(threshold: torch.Tensor, feature_acts: torch.Tensor, lr
     (SAELens's running estimate of the smallest kept activation). threshold [] ; feature_acts [N, F].
 
     On the device with no host read: a batch with no positive activation, or a non-finite one, leaves it as is.
+    Under torch.distributed (DDP) the batch statistic is the mean over the ranks' batches (all-reduced), so
+    every rank holds the same threshold.
     """
     acts = feature_acts.detach().to(threshold.dtype)
     positive = acts > 0
     smallest = torch.where(positive, acts, torch.full_like(acts, float("inf"))).min()
     ok = positive.any() & torch.isfinite(smallest)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # DDP: every rank's batch gives an estimate; all ranks take their mean (the ranks that had one), so the
+        # threshold, exported from rank 0, is the same on every rank and uses every rank's data
+        summed = torch.stack([torch.where(ok, smallest, torch.zeros_like(smallest)), ok.to(smallest.dtype)])
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+        ok = summed[1] > 0
+        smallest = summed[0] / summed[1].clamp_min(1)
     updated = (1 - lr) * threshold + lr * torch.where(ok, smallest, threshold)
     threshold.copy_(torch.where(ok, updated, threshold))
 

@@ -71,7 +71,8 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         mse = F_sae.mse_elementwise(x_hat, x, normalised=normalised).mean()
         l1 = feature_acts.abs().sum(-1).mean().detach()
         if dead_mask is not None:
-            aux = self.aux_coefficient * F_sae.auxk_loss(x, x_hat, hidden_pre, self.W_dec, dead_mask, self.aux_k)
+            aux = self.aux_coefficient * F_sae.auxk_loss(x, x_hat, hidden_pre, self.W_dec, dead_mask, self.aux_k,
+                                                               self.mse_kind == "normalised")
         else:
             aux = mse.new_zeros(())
         F_sae.update_threshold_ema(self.topk_threshold, feature_acts, self.threshold_lr)

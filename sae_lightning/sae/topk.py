@@ -54,7 +54,8 @@ class TopKSAE(SparseAutoencoder):
         mse = F_sae.mse_elementwise(x_hat, x, normalised=self.mse_kind == "normalised").mean()
         l1 = feature_acts.abs().sum(-1).mean().detach()  # logged only
         if dead_mask is not None:
-            aux = self.aux_coefficient * F_sae.auxk_loss(x, x_hat, hidden_pre, self.W_dec, dead_mask, self.aux_k)
+            aux = self.aux_coefficient * F_sae.auxk_loss(x, x_hat, hidden_pre, self.W_dec, dead_mask, self.aux_k,
+                                                               self.mse_kind == "normalised")
         else:
             aux = mse.new_zeros(())
         return SAEOutput(mse + aux, mse, l1, aux, feature_acts, x_hat, hidden_pre)
