@@ -52,8 +52,9 @@ def synthetic_thumbnail(rng: np.random.Generator, size: int = 128) -> PIL.Image.
     return image
 
 
-def generate(root: Path, n_features: int, n_thumbnails: int, seed: int = 0) -> Path:
-    """Write a bundle of the given size under root/eval; returns the eval directory."""
+def generate(root: Path, n_features: int, n_thumbnails: int, seed: int = 0, heatmap_grid: int = 0) -> Path:
+    """Write a bundle of the given size under root/eval; returns the eval directory. heatmap_grid > 0: a
+    patch-token run's bundle, with [F, 16, g, g] heatmaps (ViT-L/14 at 224 px: g = 16, 512 MiB)."""
     rng = np.random.default_rng(seed)
     ev = root / "eval"
     (ev / "explorer").mkdir(parents=True, exist_ok=True)
@@ -94,6 +95,8 @@ def generate(root: Path, n_features: int, n_thumbnails: int, seed: int = 0) -> P
     db = sqlite3.connect(ev / "explorer" / "thumbnails.sqlite")
     db.execute("PRAGMA journal_mode=OFF")
     db.execute("CREATE TABLE thumbnails (key TEXT PRIMARY KEY, jpeg BLOB NOT NULL) WITHOUT ROWID")
+    db.execute("CREATE TABLE image_index (idx INTEGER PRIMARY KEY, key TEXT NOT NULL)")
+    db.executemany("INSERT INTO image_index VALUES (?, ?)", ((int(i), key) for i, key in keys.items()))
     all_keys = list(keys.values()) + game_keys
     for start in range(0, len(all_keys), 20_000):
         db.executemany("INSERT INTO thumbnails VALUES (?, ?)",
@@ -117,12 +120,25 @@ def generate(root: Path, n_features: int, n_thumbnails: int, seed: int = 0) -> P
         "game_embeddings": torch.randn(N_GAME, EMBED_DIM).half(),
         "top_embeddings": torch.randn(n_embedded, EMBED_DIM).half(),
     }, str(ev / "explorer" / "explorer.safetensors"))
+    if heatmap_grid:
+        gen = torch.Generator().manual_seed(seed)
+        maps = torch.empty(n_features, GRID, heatmap_grid, heatmap_grid, dtype=torch.float16)
+        for start in range(0, n_features, 4096):  # sparse blobs: a few patches fire per image
+            part = torch.rand(min(4096, n_features - start), GRID, heatmap_grid, heatmap_grid, generator=gen)
+            maps[start : start + 4096] = torch.where(part > 0.9, part * 5, 0.0).half()
+        save_file({"heatmaps": maps}, str(ev / "explorer" / "heatmaps.safetensors"))
+        del maps
+    else:
+        (ev / "explorer" / "heatmaps.safetensors").unlink(missing_ok=True)
     (ev / "explorer" / "bundle.json").write_text(json.dumps({
         "format_version": BUNDLE_VERSION, "n_features": n_features, "n_neurons": N_NEURONS, "n_game": N_GAME,
-        "n_thumbnails": n_thumbnails + N_GAME, "thumb_size": 128, "layer": 22, "tokens": "cls",
+        "n_thumbnails": n_thumbnails + N_GAME, "thumb_size": 128, "layer": 22,
+        "tokens": "patches" if heatmap_grid else "cls",
         "hist_bins_log10": hist_edges().tolist(), "hist_n_tokens": None, "mlp_cosine_scale": MLP_COSINE_SCALE,
         "n_neighbours": 10, "game_keys": game_keys, "top_embedding_keys": list(keys.values())[:n_embedded],
-        "baseline_features": list(range(512)), "auto_labels": None, "heatmap_grid": None, "heatmap_slots": 0,
+        "baseline_features": list(range(512)), "auto_labels": None,
+        "heatmap_grid": [heatmap_grid] * 2 if heatmap_grid else None, "heatmap_slots": GRID if heatmap_grid else 0,
+        "classnames": [f"class {i}" for i in range(N_CLASSES)],
         "seed": seed}))
     return ev
 

@@ -213,6 +213,34 @@ def test_bundle_matches_a_recomputation(explored, demo_run):
     j = int(b.arrays["neighbour_indices"][f, 0])
     assert float(dec[f] @ dec[j]) == pytest.approx(float(b.arrays["neighbour_cosines"][f, 0]), abs=1e-5)
     assert b.auto_label(1) == "a test label" and b.auto_label(2) is None
+    # the grid's keys come from thumbnails.sqlite's image_index, which must agree with features.json
+    for g in range(b.n_features):
+        expected = [b.meta["image_keys"][str(i)] for i in b.features["top_indices"][g, :16].tolist() if i >= 0]
+        assert [key for key, _, _ in b.top_images(g)] == expected
+    assert b.classnames == b.meta["classnames"] and b.info["heatmap_grid"] is None
+
+
+@pytest.mark.slow
+def test_a_format_1_bundle_still_reads(explored, tmp_path):
+    """Format 1 had no image_index table, no class names in bundle.json and no heatmaps: the app falls back to
+    features.json."""
+    import shutil
+    import sqlite3
+
+    old = tmp_path / "eval"
+    shutil.copytree(explored, old)
+    info = json.loads((old / "explorer" / "bundle.json").read_text())
+    for key in ("classnames", "heatmap_grid", "heatmap_slots"):
+        info.pop(key)
+    (old / "explorer" / "bundle.json").write_text(json.dumps(info | {"format_version": 1}))
+    with sqlite3.connect(old / "explorer" / "thumbnails.sqlite") as db:
+        db.execute("DROP TABLE image_index")
+    b, new = Bundle(old), Bundle(explored)
+    assert b.classnames == new.classnames and not b.has_heatmaps
+    assert all(b.top_images(f) == new.top_images(f) for f in range(b.n_features))
+    (old / "explorer" / "bundle.json").write_text(json.dumps(info | {"format_version": 3}))
+    with pytest.raises(ValueError, match="bundle format 3, this app reads 1, 2"):
+        Bundle(old)
 
 
 @pytest.mark.slow

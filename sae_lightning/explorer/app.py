@@ -13,7 +13,6 @@ import math
 import os
 from pathlib import Path
 
-import altair as alt
 import numpy as np
 import pandas as pd
 import PIL.Image
@@ -26,7 +25,8 @@ from sae_lightning.explorer.store import GRID_SIZE, Bundle, open_bundle
 PAGES = {"overview": "Overview", "navigator": "Feature navigator", "feature": "Feature page",
          "game": "Guess the image", "inspect": "Inspect an image"}
 SLUG = {v: k for k, v in PAGES.items()}
-SCATTER_MAX_POINTS = 20_000  # features drawn in the interactive scatter (a seeded sample beyond that)
+SCATTER_MAX_POINTS = 10_000  # features drawn in the interactive scatter (a seeded sample beyond that; the browser
+# draws 10,000 in about a second, 20,000 in two on a 2-core machine)
 TABLE_MAX_ROWS = 2_000
 # the seed post's numbers (ViT-L/14, layer 22, cls, expansion 64, ImageNet-1k)
 SEED_NUMBERS = {"explained_variance_uncentred": ("explained variance (uncentred)", 0.86),
@@ -100,6 +100,14 @@ def image_grid(b: Bundle, items: list[tuple[str, float, int]], columns: int = 8,
                 col.caption(f"{key}: no thumbnail")
 
 
+def bars(x: str, y: str, title: str | None = None) -> dict:
+    """Vega-Lite spec of a histogram from pre-binned rows (bin start `x`, bin end "end", count `y`). The charts
+    are Vega-Lite specs given to Streamlit directly: Altair would add half a second of import to the start."""
+    return {"mark": "bar", "encoding": {
+        "x": {"field": x, "type": "quantitative", "bin": "binned", "title": title or x},
+        "x2": {"field": "end"}, "y": {"field": y, "type": "quantitative"}}}
+
+
 def fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "undefined"
@@ -131,23 +139,24 @@ def page_overview(b: Bundle, ed: str) -> None:
     st.subheader("Feature density")
     counts, edges = np.histogram(df["log10_density"], bins=60)
     hist = pd.DataFrame({"log10 density": edges[:-1], "end": edges[1:], "features": counts})
-    st.altair_chart(alt.Chart(hist).mark_bar().encode(
-        x=alt.X("log10 density", bin="binned", title="log10(density + 1e-10)"), x2="end", y="features"),
-        width="stretch")
+    st.vega_lite_chart(hist, bars("log10 density", "features", "log10(density + 1e-10)"), width="stretch")
     st.subheader("Density vs mean top activation (click a point to open the feature)")
     live = scatter_points(ed, SCATTER_MAX_POINTS)
     if len(live) < int((df["density"] > 0).sum()):
         st.caption(f"a random {len(live):,} of the live features")
-    pick = alt.selection_point(fields=["feature"], name="pick")
     # one precomputed tooltip string per point: Streamlit's Vega runs every encoding expression through an
     # interpreter, once per point, so a multi-field formatted tooltip costs seconds at 20,000 points
-    scatter = alt.Chart(live).mark_circle(size=18).encode(
-        x=alt.X("log10_density:Q", title="log10 density"),
-        y=alt.Y("log10_mean_top_activation:Q", title="log10 mean top activation"),
-        color=alt.Color("label_entropy:Q", scale=alt.Scale(scheme="viridis"), title="label entropy"),
-        tooltip=alt.Tooltip("tooltip:N"),
-    ).add_params(pick)
-    st.altair_chart(scatter, on_select=scatter_clicked, key="scatter", width="stretch")
+    scatter = {
+        "mark": {"type": "circle", "size": 18},
+        "params": [{"name": "pick", "select": {"type": "point", "fields": ["feature"]}}],
+        "encoding": {
+            "x": {"field": "log10_density", "type": "quantitative", "title": "log10 density"},
+            "y": {"field": "log10_mean_top_activation", "type": "quantitative",
+                  "title": "log10 mean top activation"},
+            "color": {"field": "label_entropy", "type": "quantitative", "scale": {"scheme": "viridis"},
+                      "title": "label entropy"},
+            "tooltip": {"field": "tooltip", "type": "nominal"}}}
+    st.vega_lite_chart(live, scatter, on_select=scatter_clicked, key="scatter", width="stretch")
     st.subheader("Neuron alignment")
     cols = st.columns(2)
     for col, name in zip(cols, ("alignment_max_cosine", "alignment_counts")):
@@ -245,11 +254,13 @@ def page_feature(b: Bundle, ed: str) -> None:
     counts = b.arrays["hist_counts"][f]
     hist = pd.DataFrame({"log10 activation": edges[:-1], "end": edges[1:], "tokens": counts})
     left.markdown("**Activation histogram** (f > 0)")
-    left.altair_chart(alt.Chart(hist).mark_bar().encode(
-        x=alt.X("log10 activation", bin="binned"), x2="end", y="tokens"), width="stretch")
+    left.vega_lite_chart(hist, bars("log10 activation", "tokens"), width="stretch")
     cos = b.mlp_cosine(f)
     right.markdown(f"**Cosine with each of the {len(cos):,} MLP neurons** (encoder vector)")
-    right.line_chart(pd.DataFrame({"cosine": cos}), height=250)
+    right.vega_lite_chart(pd.DataFrame({"neuron": np.arange(len(cos)), "cosine": cos}), {
+        "mark": {"type": "line", "strokeWidth": 1}, "encoding": {
+            "x": {"field": "neuron", "type": "quantitative", "title": "MLP neuron"},
+            "y": {"field": "cosine", "type": "quantitative"}}}, width="stretch", height=250)
     st.subheader("Nearest features (decoder cosine)")
     idx = b.arrays["neighbour_indices"][f].tolist()
     cosines = b.arrays["neighbour_cosines"][f].tolist()
@@ -336,9 +347,11 @@ def page_game(b: Bundle, ed: str) -> None:
     feats, vals = b.game_activations(r["target"])
     st.markdown(f"**Its SAE activations** ({len(feats)} features fire)")
     acts = pd.DataFrame({"feature": feats, "activation": vals})
-    st.altair_chart(alt.Chart(acts).mark_bar(width=2).encode(
-        x=alt.X("feature", scale=alt.Scale(domain=[0, b.n_features])), y="activation",
-        tooltip=["feature", "activation"]), width="stretch")
+    st.vega_lite_chart(acts, {"mark": {"type": "bar", "width": 2}, "encoding": {
+        "x": {"field": "feature", "type": "quantitative", "scale": {"domain": [0, b.n_features]}},
+        "y": {"field": "activation", "type": "quantitative"},
+        "tooltip": [{"field": "feature", "type": "quantitative"}, {"field": "activation", "type": "quantitative"}]}},
+        width="stretch")
     for f, v in zip(feats[:N_TOP].tolist(), vals[:N_TOP].tolist()):
         st.markdown(f"**Feature {f}** (activation {v:.3g})")
         image_grid(b, b.top_images(f, 8), columns=8, width=72)

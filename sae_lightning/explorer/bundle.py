@@ -314,6 +314,7 @@ def write_explorer_bundle(eval_dir: str | Path, sae, backbone, *, layer: int, to
     db_path = out / "thumbnails.sqlite"
     db_path.unlink(missing_ok=True)
     store = ThumbnailStore(db_path, write=True)
+    store.put_index(meta["image_keys"])
 
     top_keys = set(meta["image_keys"].values())
     hist = ActivationHistogram(n_features, device) if histograms is None else None
@@ -390,6 +391,7 @@ def write_explorer_bundle(eval_dir: str | Path, sae, backbone, *, layer: int, to
         "top_embedding_keys": embed_list,
         "baseline_features": extra,
         "auto_labels": {str(k): v for k, v in auto_labels.items()} if auto_labels else None,
+        "classnames": meta.get("classnames"),
         "heatmap_grid": grid,
         "heatmap_slots": GRID_SIZE if grid else 0,
         "seed": seed,

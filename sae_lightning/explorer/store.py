@@ -35,7 +35,9 @@ def hist_edges() -> np.ndarray:
 
 
 class ThumbnailStore:
-    """One SQLite file, table `thumbnails(key TEXT PRIMARY KEY, jpeg BLOB) WITHOUT ROWID`."""
+    """One SQLite file, table `thumbnails(key TEXT PRIMARY KEY, jpeg BLOB) WITHOUT ROWID` and (format 2)
+    `image_index(idx INTEGER PRIMARY KEY, key TEXT NOT NULL)`, features.json's `image_keys` as a table: the app
+    looks up the 16 keys of a grid instead of parsing 200,000 of them from JSON at start."""
 
     def __init__(self, path: str | Path, write: bool = False) -> None:
         self.path = Path(path)
@@ -48,6 +50,22 @@ class ThumbnailStore:
             if not self.path.is_file():
                 raise FileNotFoundError(f"no thumbnail store at {self.path}")
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+
+    def put_index(self, image_keys: dict[str, str]) -> None:
+        """features.json's image_keys (stream index as a string -> key) into `image_index`."""
+        self.db.execute("CREATE TABLE IF NOT EXISTS image_index (idx INTEGER PRIMARY KEY, key TEXT NOT NULL)")
+        self.db.executemany("INSERT OR REPLACE INTO image_index VALUES (?, ?)",
+                            ((int(i), key) for i, key in image_keys.items()))
+        self.db.commit()
+
+    def has_index(self) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='image_index'").fetchone() \
+            is not None
+
+    def keys_of(self, indices: list[int]) -> dict[int, str]:
+        """Stream index -> image key, from `image_index`."""
+        marks = ",".join("?" * len(indices))
+        return dict(self.db.execute(f"SELECT idx, key FROM image_index WHERE idx IN ({marks})", indices))
 
     def put_many(self, rows: Iterable[tuple[str, bytes]]) -> None:
         self.db.executemany("INSERT OR REPLACE INTO thumbnails VALUES (?, ?)", rows)
@@ -82,7 +100,8 @@ class Bundle:
             raise ValueError(f"{self.dir}: bundle format {self.info.get('format_version')}, this app reads "
                              f"{', '.join(map(str, READABLE_VERSIONS))}: re-run evaluate.py")
         self.features: dict[str, np.ndarray] = load_file(str(self.eval_dir / "features.safetensors"))
-        self.meta = json.loads((self.eval_dir / "features.json").read_text())
+        self._meta: dict | None = None
+        self._meta_lock = threading.Lock()
         metrics = self.eval_dir / "metrics.json"
         self.metrics = json.loads(metrics.read_text()) if metrics.is_file() else {}
         with safe_open(str(self.dir / "explorer.safetensors"), "np") as fh:  # embeddings: game_metric only
@@ -91,7 +110,11 @@ class Bundle:
         heat = self.dir / HEATMAPS_FILE
         self._heatmaps = safe_open(str(heat), "np") if self.info.get("heatmap_grid") and heat.is_file() else None
         self.thumbs = ThumbnailStore(self.dir / "thumbnails.sqlite")
-        self.classnames: list[str] | None = self.meta.get("classnames")
+        self._indexed = self.thumbs.has_index()
+        # format 2 copies the class names into bundle.json, so features.json (7 MB of image keys at the seed's
+        # size) is parsed only if something asks for `meta`
+        self.classnames: list[str] | None = (self.info["classnames"] if "classnames" in self.info
+                                             else self.meta.get("classnames"))
         self.n_features = int(self.info["n_features"])
         self.game_keys: list[str] = self.info["game_keys"]
         self._table = None
@@ -106,6 +129,14 @@ class Bundle:
             if self._table is None:
                 self._table = _feature_table(self)
             return self._table
+
+    @property
+    def meta(self) -> dict:
+        """features.json (docs/format-eval.md), parsed on first use."""
+        with self._meta_lock:
+            if self._meta is None:
+                self._meta = json.loads((self.eval_dir / "features.json").read_text())
+            return self._meta
 
     def label_name(self, label: int) -> str:
         if self.classnames and 0 <= label < len(self.classnames):
@@ -134,13 +165,17 @@ class Bundle:
 
     def top_images(self, f: int, n: int = GRID_SIZE) -> list[tuple[str, float, int]]:
         """(key, activation, label) of feature f's filled top slots, descending."""
-        out = []
+        rows = []
         for i, v, lab in zip(self.features["top_indices"][f, :n].tolist(), self.features["top_values"][f, :n].tolist(),
                              self.features["top_labels"][f, :n].tolist()):
             if i < 0:
                 break
-            out.append((self.meta["image_keys"][str(i)], v, lab))
-        return out
+            rows.append((i, v, lab))
+        if self._indexed:
+            keys = self.thumbs.keys_of([i for i, _, _ in rows])
+        else:
+            keys = {i: self.meta["image_keys"][str(i)] for i, _, _ in rows}
+        return [(keys[i], v, lab) for i, v, lab in rows]
 
     def game_activations(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Game image i's firing features and their activations (sparse row), by descending activation."""
@@ -156,13 +191,29 @@ class Bundle:
             return {k: fh.get_tensor(k) for k in EMBEDDINGS}
 
 
+def most_common(labels: np.ndarray) -> np.ndarray:
+    """[F, k] -> [F]: each row's most common value (ties: the smallest), from the runs of the sorted row."""
+    if labels.shape[1] == 0:
+        return np.full(labels.shape[0], -1, dtype=labels.dtype)
+    s = np.sort(labels, axis=1)
+    k = s.shape[1]
+    starts = np.ones_like(s, dtype=bool)
+    starts[:, 1:] = s[:, 1:] != s[:, :-1]
+    # position of the run start each entry belongs to, then the run length at each run's last entry
+    pos = np.where(starts, np.arange(k), 0)
+    np.maximum.accumulate(pos, axis=1, out=pos)
+    length = np.arange(k) - pos + 1
+    ends = np.ones_like(starts)
+    ends[:, :-1] = starts[:, 1:]
+    length = np.where(ends, length, 0)
+    return s[np.arange(len(s)), length.argmax(1)]  # argmax takes the first (smallest) of equal runs
+
+
 def _feature_table(b: Bundle):
     import pandas as pd
 
     t = b.features
-    labels = np.sort(t["top_labels"], axis=1)  # the most common label among the top images (ties: smallest)
-    counts = (labels[:, :, None] == labels[:, None, :]).sum(2)
-    mode = labels[np.arange(len(labels)), counts.argmax(1)].tolist() if labels.shape[1] else [-1] * b.n_features
+    mode = most_common(t["top_labels"]).tolist()
     fired = t["top_indices"][:, 0] >= 0
     names = [b.label_name(m) if ok else "" for m, ok in zip(mode, fired.tolist())]
     auto = b.info.get("auto_labels") or {}
@@ -194,8 +245,7 @@ def preload(eval_dir: str | Path, after: str | None = None) -> None:
         try:
             if after is not None:
                 _wait_for(after, timeout=60.0)
-            import altair  # noqa: F401 - the app's own imports, done while the server starts
-            import pandas  # noqa: F401
+            import pandas  # noqa: F401 - the app's own import, done while the browser loads the page
 
             bundle = Bundle(key)
             bundle.table()
