@@ -9,6 +9,8 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -135,6 +137,41 @@ def test_an_interrupted_cache_run_resumes_to_the_same_bytes(tmp_path, data_dir, 
     caplog.set_level(logging.INFO)
     assert CacheWriter(cache_config(directory, data_dir, tiny_shards)).run() == 0  # complete: nothing to do
     assert "already holds the complete cache" in caplog.text
+
+
+def test_undecodable_samples_are_counted_once_across_a_resume(tmp_path, data_dir, tiny_shards):
+    """One shard with a broken image in its first file: skipped and counted, and a run stopped after that
+    file then resumed writes the same bytes and counts it once."""
+    source = Path(sorted(Path(tiny_shards[0].split("{")[0]).parent.glob("train-*.tar"))[0])
+    broken = tmp_path / "shards" / "train-000000.tar"
+    broken.parent.mkdir()
+    with tarfile.open(source) as src, tarfile.open(broken, "w") as dst:
+        for member in src:
+            data = src.extractfile(member).read()
+            if member.name.endswith("00000005.jpg"):
+                data = b"not an image"
+            member.size = len(data)
+            dst.addfile(member, io.BytesIO(data))
+    shards = (str(broken), tiny_shards[1])
+
+    def run(directory, **kwargs):
+        return CacheWriter(cache_config(directory, data_dir, shards), **kwargs).run()
+
+    assert run(tmp_path / "straight") == 0
+    manifest = read_manifest(tmp_path / "straight")
+    assert (manifest["images"], manifest["samples_skipped"], manifest["total_rows"]) == (63, 1, 63)
+    first = shard_entries(tmp_path / "straight")[0]
+    assert first["skipped"] == 1 and shard_metadata(tmp_path / "straight" / first["file"])["skipped_keys"] == [
+        "train_00000005"]
+
+    def stop(entry):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    assert run(tmp_path / "resumed", on_shard=stop) == 143
+    assert len(shard_entries(tmp_path / "resumed")) == 1
+    assert run(tmp_path / "resumed") == 0
+    assert files(tmp_path / "resumed") == files(tmp_path / "straight")
+    assert read_manifest(tmp_path / "resumed")["samples_skipped"] == 1
 
 
 def test_another_config_refuses_unless_overwrite(tmp_path, written_cache, data_dir, tiny_shards):
@@ -362,3 +399,26 @@ def test_resuming_on_another_cache_refuses_before_training(tmp_path, written_cac
     dm.manifest = dict(dm.manifest, d_in=32)
     with pytest.raises(CacheError, match="trained on d_in=64 activations, but data.path=.* holds d=32"):
         dm.check_resume(run / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_the_commands_cache_then_train(tmp_path, data_dir, tiny_shards):
+    """`python cache.py ...` then `python train.py ... data=cache data.path=...`, as the README says."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SAE_TRAIN_SHARDS", "SAE_VAL_SHARDS", "SAE_CACHE")}
+    env["OMP_NUM_THREADS"] = "1"
+
+    def cli(script, *args):
+        return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+
+    common = ["experiment=demo", "backbone=tiny", f"paths.data_dir={data_dir}", f"data.train_shards='{tiny_shards[0]}'",
+              f"hydra.run.dir={tmp_path / 'hydra'}"]
+    result = cli("cache.py", *common, f"cache.dir={tmp_path / 'cache'}", "cache.dtype=bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Cache complete: 512 rows" in result.stderr + result.stdout
+    result = cli("train.py", "experiment=demo", "~backbone", "data=cache", f"data.path={tmp_path / 'cache'}",
+                 "max_steps=6", "sae_batch_size=64", "data.buffer_size=128", "trainer.enable_progress_bar=false",
+                 f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    sae = SparseAutoencoder.load(tmp_path / "run" / "sae")
+    assert sae.d_in == 64 and sae.metadata["tokens"] == "cls"
