@@ -2,6 +2,7 @@
 
     python -m benchmarks.explorer                       # the seed's size
     python -m benchmarks.explorer --features 16384 --thumbnails 50000 --keep /tmp/bundle
+    python -m benchmarks.explorer --heatmap-grid 16     # a patch-token run's bundle: heatmaps on the feature page
 
 Generates `<dir>/eval/` in the documented formats (docs/format-eval.md, docs/explorer.md) with random
 values of realistic sizes: ViT-L/14's 4,096 MLP neurons and 768-d embeddings, top-20 lists over the
@@ -227,13 +228,13 @@ def directory_mib(path: Path) -> dict[str, float]:
 
 
 def run(quick: bool = False, n_features: int | None = None, n_thumbnails: int | None = None,
-        keep: str | None = None) -> Section:
+        keep: str | None = None, heatmap_grid: int = 0) -> Section:
     n_features = n_features or (4096 if quick else SEED_FEATURES)
     n_thumbnails = n_thumbnails or (12_000 if quick else SEED_THUMBNAILS)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(keep) if keep else Path(tmp)
         start = time.perf_counter()
-        ev = generate(root, n_features, n_thumbnails)
+        ev = generate(root, n_features, n_thumbnails, heatmap_grid=heatmap_grid)
         generated = time.perf_counter() - start
         sizes = directory_mib(ev)
         result = measure(ev, n_features)
@@ -248,10 +249,11 @@ def run(quick: bool = False, n_features: int | None = None, n_thumbnails: int | 
                 ["launch -> Overview drawn in Chromium", result["first_page_s"]],
                 ["Feature page, 'next' -> drawn with its images, median", float(np.median(drawn))],
                 ["Feature page, 'next' -> drawn, max", float(drawn.max())], *rows]
+    heat = f", {heatmap_grid}x{heatmap_grid} patch heatmaps over every top-16 grid" if heatmap_grid else ""
     files = [[name, f"{mib:,.1f}"] for name, mib in sizes.items()] + [["total", f"{sum(sizes.values()):,.1f}"]]
     body = f"""
 A generated bundle of {n_features:,} features and {n_thumbnails:,} top-image thumbnails (+ {N_GAME:,} game
-images), {N_NEURONS:,} MLP neurons, {EMBED_DIM}-d embeddings (written in {generated:.0f} s). "launch" is
+images), {N_NEURONS:,} MLP neurons, {EMBED_DIM}-d embeddings{heat} (written in {generated:.0f} s). "launch" is
 `python -m sae_lightning.explorer eval_dir=...` starting; "drawn" means headless Chromium shows the page's
 title, charts/images loaded and no placeholder left; "next" is a click on the Feature page's next button,
 {len(pages)} times. The AppTest rows time only the Python side of a page, in a fresh process. 1-minute load
@@ -269,8 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=int, default=SEED_FEATURES)
     parser.add_argument("--thumbnails", type=int, default=SEED_THUMBNAILS)
     parser.add_argument("--keep", default=None, help="write the bundle here and keep it")
+    parser.add_argument("--heatmap-grid", type=int, default=0,
+                        help="patch grid side of a patch-token run's heatmaps (16: ViT-L/14); 0: a class-token run")
     args = parser.parse_args(argv)
-    print(run(n_features=args.features, n_thumbnails=args.thumbnails, keep=args.keep).body)
+    print(run(n_features=args.features, n_thumbnails=args.thumbnails, keep=args.keep,
+              heatmap_grid=args.heatmap_grid).body)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def overlay(jpeg: bytes, heat: np.ndarray, vmax: float) -> bytes:
         colour = np.stack([np.full_like(level, 255.0), 255.0 * level, np.zeros_like(level)], axis=-1)
         image = image * (1 - alpha) + colour * alpha
     out = io.BytesIO()
-    PIL.Image.fromarray(image.round().clip(0, 255).astype(np.uint8)).save(out, format="PNG")
+    PIL.Image.fromarray(image.round().clip(0, 255).astype(np.uint8)).save(out, format="PNG", compress_level=1)
     return out.getvalue()
 
 
