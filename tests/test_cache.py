@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_lightning import SparseAutoencoder
 from sae_lightning.data.cache import CacheDataModule, CacheStream
-from sae_lightning.data.cache_format import MANIFEST, CacheError, read_manifest, shard_metadata
+from sae_lightning.data.cache_format import MANIFEST, CacheError, backbone_source, read_manifest, shard_metadata
 from sae_lightning.data.cache_write import CacheWriter
 from tests.conftest import CONF, ROOT, compose_config
 
@@ -86,6 +86,9 @@ def test_rows_are_the_backbones_activations_with_their_keys_and_labels(tmp_path,
     assert len(manifest["shards"]) == 16 and sum(s["rows"] for s in manifest["shards"]) == manifest["total_rows"]
     assert all(s["done"] and s["images"] == 64 for s in manifest["sources"])
     assert manifest["layer"] == backbone.resolve_layer(cfg.layer) and manifest["model"] == backbone.name
+    source = backbone_source(tmp_path / "c")  # the backbone back from the cache alone
+    assert (source["layer"], source["tokens"]) == (cfg.layer, tokens)
+    assert instantiate(source["backbone"]).state_dict().keys() == backbone.state_dict().keys()
 
     seen = set()
     for entry in manifest["shards"]:

@@ -124,6 +124,13 @@ def check_cache(directory: str | Path, manifest: dict[str, Any], *, full: bool, 
                          f"files and rewrites the bad ones.")
 
 
+def backbone_source(directory: str | Path) -> dict[str, Any]:
+    """What made a cache's rows, for tools that need the backbone back (e.g. evaluating an SAE trained on the
+    cache): `backbone` (the resolved Hydra node, with `_target_`), `layer` (as configured) and `tokens`."""
+    config = read_manifest(directory)["config"]
+    return {"backbone": config["backbone"], "layer": config["layer"], "tokens": config["tokens"]}
+
+
 def stale_temporaries(directory: Path) -> list[Path]:
     """Temporaries left by an interrupted atomic write (`*.tmp`)."""
     return sorted(p for p in directory.glob("*.tmp") if p.is_file()) if directory.is_dir() else []
