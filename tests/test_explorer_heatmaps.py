@@ -280,3 +280,33 @@ def test_served_feature_page_heatmaps_in_headless_chromium(square_bundle):
             browser.close()
         os.killpg(server.pid, 15)
         server.wait(10)
+
+
+@pytest.mark.slow
+def test_evaluate_py_writes_heatmaps_that_agree_with_the_top_activations(tmp_path, data_dir, tiny_shards):
+    """A tiny patch-token run trained and evaluated end to end (evaluate.py): the heatmaps are recomputed in the
+    bundle's fetch pass, the top activations in the evaluation's stream; for a patches run the largest value
+    of each heatmap is that image's top activation (the max over its patch tokens)."""
+    from conftest import compose_config, demo_overrides
+
+    from sae_lightning.training import train
+
+    run = tmp_path / "run"
+    train(compose_config(demo_overrides(run, data_dir, tiny_shards, ["tokens=patches", "max_steps=8"])))
+    cmd = [sys.executable, "evaluate.py", f"run={run}", "n_images=48", "top_k=4", "batch_size=16", "num_workers=0",
+           "device=cpu", "n_grid_features=0", "tensorboard=false", "n_game=8", "max_tokens=40", "ground_truth=false"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    b = Bundle(run / "eval")
+    assert b.info["tokens"] == "patches" and b.info["heatmap_grid"] == [4, 4] and b.has_heatmaps
+    checked = 0
+    for f in range(b.n_features):
+        heat = b.heatmaps(f)
+        values = b.features["top_values"][f]
+        for s in range(len(values)):
+            if not np.isfinite(values[s]):
+                assert np.isnan(heat[s]).all()  # an empty slot
+                continue
+            assert np.nanmax(heat[s]) == pytest.approx(float(values[s]), rel=2e-3, abs=2e-3)
+            checked += 1
+    assert checked > 100
