@@ -287,9 +287,8 @@ def test_evaluate_py_writes_heatmaps_that_agree_with_the_top_activations(tmp_pat
     """A tiny patch-token run trained and evaluated end to end (evaluate.py): the heatmaps are recomputed in the
     bundle's fetch pass, the top activations in the evaluation's stream; for a patches run the largest value
     of each heatmap is that image's top activation (the max over its patch tokens)."""
-    from conftest import compose_config, demo_overrides
-
     from sae_lightning.training import train
+    from tests.conftest import compose_config, demo_overrides
 
     run = tmp_path / "run"
     train(compose_config(demo_overrides(run, data_dir, tiny_shards, ["tokens=patches", "max_steps=8"])))
