@@ -298,6 +298,8 @@ def test_shuffle_crosses_shards_in_bounded_memory_and_covers_each_epoch(tmp_path
     assert all(torch.equal(a, b) for a, b in zip(batches, again))  # deterministic from the seed
     other = take(CacheStream(paths, sizes, batch_size=32, block_rows=16, window_blocks=3, seed=8), 40)
     assert not all(torch.equal(a, b) for a, b in zip(batches, other))
+    first = CacheStream(paths, sizes, batch_size=32, block_rows=16, window_blocks=3, seed=7, init_rows=1000)
+    assert torch.equal(first.first_rows(1000), torch.cat(batches)[:403])  # b_dec's rows: at most one epoch
     plain = take(CacheStream(paths, sizes, batch_size=32, block_rows=16, window_blocks=3, shuffle=False), 13)
     assert [r for b in plain for r in ids(b)][:403] == everything
 

@@ -140,8 +140,8 @@ class CacheStream(IterableDataset):
                 yield parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def first_rows(self, n: int) -> torch.Tensor:
-        """The stream's first `n` rows [n, d] (they repeat if an epoch of this rank holds fewer)."""
-        out, need = [], n
+        """The stream's first `n` rows [n, d], or its first epoch's rows if that holds fewer."""
+        out, need = [], min(n, sum(self.window_rows(w) for w in self.windows(0)))
         for data, order in self.segments(0):
             take = min(need, len(order))
             out.append(data[order[:take]])
@@ -193,8 +193,8 @@ class CacheDataModule(LightningDataModule):
         self.activations_seen = 0
         self.stream: CacheStream | None = None
         if buffer_size > self.manifest["total_rows"]:
-            log.warning("data.buffer_size=%d is more than the cache's %d rows: b_dec is initialised from rows that "
-                        "repeat.", buffer_size, self.manifest["total_rows"])
+            log.warning("data.buffer_size=%d is more than the cache's %d rows: b_dec is initialised from all of "
+                        "them.", buffer_size, self.manifest["total_rows"])
 
     @property
     def d_in(self) -> int:
