@@ -17,7 +17,9 @@ from sae_lightning.evaluation.ground_truth import (
     auroc,
     interpretability,
     present_values,
+    purity,
     scorable_values,
+    top_k_precision,
 )
 from sae_lightning.evaluation.stream import TokenChunk
 from sae_lightning.sae import SparseAutoencoder
@@ -90,6 +92,57 @@ def test_a_feature_firing_exactly_on_one_attribute_scores_1_and_a_random_one_abo
     scored = torch.isfinite(table).any(0)
     assert result.fraction_covered == pytest.approx(len(covered) / int(scored.sum()))
     assert result.value_best_auroc[red].item() == 1.0
+
+
+def test_top_k_precision_and_purity_match_a_hand_computation():
+    # 6 images, 3 values: v0 in images 0, 1, 2 (base 1/2), v1 in image 5 only (base 1/6), v2 in 0-4 (base 5/6)
+    labels = torch.zeros(6, 3, dtype=torch.bool)
+    labels[[0, 1, 2], 0] = True
+    labels[5, 1] = True
+    labels[:5, 2] = True
+    acts = torch.tensor([[5.0, 0.0, 1.0, 0.0],
+                         [4.0, 0.0, 2.0, 0.0],
+                         [0.0, 0.0, 3.0, 0.0],
+                         [3.0, 0.0, 4.0, 0.0],
+                         [0.0, 0.0, 5.0, 0.0],
+                         [2.0, 7.0, 6.0, 0.0]])
+    # unit 0: top 4 of the images above its minimum (0) = 0, 1, 3, 5: v0 in 2 of 4, v1 in 1, v2 in 3
+    # unit 1: only one image above its minimum: fewer than k, not scored; unit 3: constant, not scored
+    # unit 2 (dense): top 4 = images 5, 4, 3, 2: v0 in 1 of 4, v1 in 1, v2 in 3
+    precision = top_k_precision(acts, labels, k=4)
+    torch.testing.assert_close(precision[[0, 2]], torch.tensor([[0.5, 0.25, 0.75], [0.25, 0.25, 0.75]]))
+    assert torch.isnan(precision[[1, 3]]).all()
+    result = purity(precision, labels.float().mean(0), torch.tensor([True, True, True, False]), threshold=0.5)
+    # v2 (in 5/6 of the images) is not scored; unit 2's tie between v0 and v1 goes to the rarer v1
+    torch.testing.assert_close(result.purity[[0, 2]], torch.tensor([0.5, 0.25]))
+    assert result.best_value.tolist() == [0, -1, 1, -1]
+    assert result.pure.tolist() == [True, False, False, False]
+    assert result.fraction_pure == pytest.approx(1 / 3)  # of three live units, the unscored one counts as not pure
+    torch.testing.assert_close(result.value_best_precision, torch.tensor([0.5, 0.25, math.nan]), equal_nan=True)
+    assert result.fraction_covered == 0.5 and result.n_scorable == 2
+    with pytest.raises(ValueError, match="rows"):
+        top_k_precision(acts, labels[:5], k=4)
+
+
+def test_purity_credits_a_sparse_pure_feature_that_auroc_misses():
+    """A feature firing on a quarter of the red images only: AUROC about 0.62 on "red", purity 1."""
+    records, values, y = scene_labels(1200)
+    red = values.index("colour=red")
+    gen = torch.Generator().manual_seed(2)
+    sparse = y[:, red].float() * (torch.rand(1200, generator=gen) < 0.25) * (1 + torch.rand(1200, generator=gen))
+    random = torch.randn(1200, generator=gen)
+    acts = torch.stack([sparse, random], 1)
+    live = torch.tensor([True, True])
+    table = auroc(acts, y)
+    assert table[0, red].item() < 0.7 and not interpretability(table, live).monosemantic[0]
+    result = purity(top_k_precision(acts, y), y.float().mean(0), live)
+    assert result.best_value[0].item() == red and result.purity[0].item() == pytest.approx(1.0)
+    assert result.pure.tolist() == [True, False] and result.purity[1].item() < 0.7
+    # ties go to the rarer value: a feature on red stars only is a "red star" feature, though all its images are red
+    star = values.index("object=red star")
+    red_star = y[:, star].float() * (1 + torch.rand(1200, generator=gen))
+    both = purity(top_k_precision(red_star[:, None], y), y.float().mean(0), torch.tensor([True]))
+    assert both.best_value[0].item() == star
 
 
 def test_presence_of_values_follows_the_record():
@@ -225,6 +278,15 @@ def test_evaluate_writes_ground_truth_and_labels_that_recompute_from_the_files(d
     expected = auroc(acts, y)
     expected[:, ~scorable_values(y)] = math.nan
     torch.testing.assert_close(table, expected.float(), atol=1e-5, rtol=0, equal_nan=True)
+    # purity from the same activations and records
+    base = y.float().mean(0)
+    base[~scorable_values(y)] = math.nan
+    pure = purity(top_k_precision(acts, y), base, live)
+    torch.testing.assert_close(t["gt_purity"], pure.purity, atol=1e-5, rtol=0, equal_nan=True)
+    assert torch.equal(t["gt_pure"], pure.pure) and torch.equal(t["gt_pure"], live & (t["gt_purity"] >= 0.8))
+    assert metrics["interpretability_sae_pure"] == pytest.approx(pure.fraction_pure)
+    assert metrics["interpretability_sae_pure_covered"] == pytest.approx(pure.fraction_covered)
+    assert 0 <= metrics["interpretability_random_pure"] <= 1
     # labels: every method's top-5 table, the default column, the vocabulary
     assert len(names["label_vocabulary"]) == len(values)
     for method in ("encoder_lens", "decoder_lens", "intervention", "top_images"):

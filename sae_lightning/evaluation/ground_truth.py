@@ -42,6 +42,12 @@ MONOSEMANTIC_AUROC = 0.9
 MIN_IMAGES_PER_SIDE = 20
 DEFAULT_IMAGES = 4096
 DEFAULT_LABEL_IMAGES = 16
+# Purity: precision of a unit's top PURITY_TOP_K images for its best value (among values in at most
+# PURITY_MAX_BASE_RATE of the images); pure at >= PURE_THRESHOLD. With base rate <= 1/2 a unit unrelated to a value
+# has 18 or more of 20 top images with it with probability <= 2e-4 (binomial), so chance rarely makes a unit pure.
+PURITY_TOP_K = 20
+PURITY_MAX_BASE_RATE = 0.5
+PURE_THRESHOLD = 0.9
 GROUPS = ("colour", "shape", "size", "count", "background", "effect", "object")
 
 
@@ -162,6 +168,81 @@ def interpretability(table: Tensor, live: Tensor, threshold: float = MONOSEMANTI
 
 
 @dataclass
+class Purity:
+    """Purity of one family of units: how well one attribute value explains a unit's top images.
+
+    precision(u, v) = fraction of u's top-k images that have v (top k = the k largest activations among the
+    images where u exceeds its own minimum, so a sparse feature's silent images never count; a unit with fewer
+    than k such images is not scored). A unit's purity is its largest precision over the scorable values present
+    in at most PURITY_MAX_BASE_RATE of the images (a commoner value, e.g. "some object is large" in ~70% of
+    scenes, fills a top-k by chance), ties going to the rarer value (a feature whose top images are all red stars
+    is a "red star" feature rather than a "red" one). Unlike AUROC it needs no recall: a feature that fires on
+    a few of the red images, and only on red ones, is pure.
+    """
+
+    best_value: Tensor  # [C] int64: value with the largest precision; -1 if not live or not scored
+    purity: Tensor  # [C] float32: that precision (NaN if not live or fewer than k images above its minimum)
+    pure: Tensor  # [C] bool: live and purity >= threshold
+    value_best_precision: Tensor  # [V] float32: max precision any live unit reaches (NaN: value not scored)
+    fraction_pure: float  # pure / live units
+    fraction_covered: float  # values with value_best_precision >= threshold / values scored
+    n_live: int
+    n_scorable: int
+
+
+def top_k_precision(acts: Tensor, labels: Tensor, k: int = PURITY_TOP_K) -> Tensor:
+    """Precision of each unit's top-k images for each value: acts [N, C], labels [N, V] bool -> [C, V] float32.
+
+    Only images where the unit exceeds its own minimum over the N images are candidates; rows of units with
+    fewer than k candidates are NaN. Ties at the k-th place go to whichever image torch.topk returns.
+    """
+    if acts.shape[0] != labels.shape[0]:
+        raise ValueError(f"activations have {acts.shape[0]} rows, labels {labels.shape[0]}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    n, c = acts.shape
+    out = torch.full((c, labels.shape[1]), math.nan)
+    if n < k or c == 0:
+        return out
+    acts = acts.float()
+    enough = (acts > acts.amin(0, keepdim=True)).sum(0) >= k  # [C]
+    top = acts[:, enough].topk(k, dim=0).indices  # [k, c']
+    out[enough] = labels.float()[top].mean(0).to(out.device)  # [k, c', V] -> [c', V]
+    return out
+
+
+def purity(precision: Tensor, base_rate: Tensor, live: Tensor, threshold: float = PURE_THRESHOLD,
+           max_base_rate: float = PURITY_MAX_BASE_RATE) -> Purity:
+    """From a top-k precision table [C, V] (NaN: unit not scored), the values' base rates [V] (fraction of the
+    images with the value; NaN: value not scorable) and a live mask [C]."""
+    precision = precision.float().cpu()
+    base = base_rate.float().cpu()
+    live = live.bool().cpu()
+    scorable = torch.isfinite(base) & (base > 0) & (base <= max_base_rate)
+    table = precision.clone()
+    table[:, ~scorable] = math.nan
+    filled = table.nan_to_num(-math.inf)
+    c, v = table.shape
+    if v and c:
+        best = filled.max(1, keepdim=True).values  # [C, 1]
+        rarity = torch.where(filled >= best - 1e-6, base.expand(c, v), torch.full((c, v), math.inf))
+        best_value, best_precision = rarity.argmin(1), best.squeeze(1)
+    else:
+        best_value, best_precision = torch.zeros(c, dtype=torch.long), torch.full((c,), -math.inf)
+    ok = live & torch.isfinite(best_precision)
+    best_value = torch.where(ok, best_value, torch.full_like(best_value, -1))
+    best_precision = torch.where(ok, best_precision, torch.full_like(best_precision, math.nan))
+    pure = ok & (best_precision >= threshold)
+    value_best = filled[live].max(0).values if live.any() else torch.full((v,), -math.inf)
+    value_best = torch.where(scorable & torch.isfinite(value_best), value_best, torch.full_like(value_best, math.nan))
+    n_live, n_scorable = int(live.sum()), int(scorable.sum())
+    return Purity(best_value=best_value, purity=best_precision, pure=pure, value_best_precision=value_best,
+                  fraction_pure=int(pure.sum()) / n_live if n_live else math.nan,
+                  fraction_covered=int((value_best[scorable] >= threshold).sum()) / n_scorable
+                  if n_scorable else math.nan, n_live=n_live, n_scorable=n_scorable)
+
+
+@dataclass
 class GroundTruthData:
     """What the streaming consumer kept for the first N held-out images."""
 
@@ -184,6 +265,13 @@ class GroundTruthData:
         mask = (self.sae_cols >= start) & (self.sae_cols < stop)
         out[self.sae_rows[mask], self.sae_cols[mask] - start] = self.sae_values[mask]
         return out
+
+    def sae_top_k_precision(self, k: int = PURITY_TOP_K, chunk: int = 512) -> Tensor:
+        """[F, V] top-k precision table of the SAE features (chunked like sae_auroc)."""
+        assert self.labels is not None
+        parts = [top_k_precision(self.sae_dense(s, min(s + chunk, self.n_features)), self.labels, k)
+                 for s in range(0, self.n_features, chunk)]
+        return torch.cat(parts) if parts else torch.empty(0, self.labels.shape[1])
 
     def sae_auroc(self, chunk: int = 512) -> Tensor:
         """[F, V] AUROC table of the SAE features (chunked: one dense [N, chunk] block at a time)."""
@@ -399,6 +487,11 @@ def ground_truth_analysis(ev) -> None:
     results = {name: interpretability(tables[name], live[name]) for name in FAMILIES}
     sae = results["sae"]
     values = data.values
+    base = data.labels.float().mean(0)
+    base[rare] = math.nan
+    precisions = {"sae": data.sae_top_k_precision(), "neurons": top_k_precision(data.neurons, data.labels),
+                  "random": top_k_precision(data.random, data.labels)}
+    purities = {name: purity(precisions[name], base, live[name]) for name in FAMILIES}
     ev.metrics |= {"ground_truth_images": data.n_images, "ground_truth_values": len(values),
                    "ground_truth_min_images": MIN_IMAGES_PER_SIDE,
                    "ground_truth_scorable_values": sae.n_scorable, "ground_truth_threshold": MONOSEMANTIC_AUROC,
@@ -406,7 +499,11 @@ def ground_truth_analysis(ev) -> None:
     for name, r in results.items():
         ev.metrics |= {f"interpretability_{name}_units": r.n_live,
                        f"interpretability_{name}_monosemantic": r.fraction_monosemantic,
-                       f"interpretability_{name}_covered": r.fraction_covered}
+                       f"interpretability_{name}_covered": r.fraction_covered,
+                       f"interpretability_{name}_pure": purities[name].fraction_pure,
+                       f"interpretability_{name}_pure_covered": purities[name].fraction_covered}
+    ev.metrics |= {"ground_truth_purity_top_k": PURITY_TOP_K, "ground_truth_purity_threshold": PURE_THRESHOLD,
+                   "ground_truth_purity_values": purities["sae"].n_scorable}
     groups = sorted({v.split("=", 1)[0] for v in values}, key=lambda g: GROUPS.index(g) if g in GROUPS else 99)
     for group in groups:
         member = torch.tensor([v.split("=", 1)[0] == group for v in values])
@@ -415,7 +512,8 @@ def ground_truth_analysis(ev) -> None:
         ev.metrics[f"interpretability_sae_covered_{group}"] = \
             (int((best[ok] >= MONOSEMANTIC_AUROC).sum()) / int(ok.sum())) if ok.any() else math.nan
     ev.features |= {"gt_auroc": tables["sae"].float(), "gt_best_value": sae.best_value, "gt_best_auroc": sae.best_auroc,
-                    "gt_monosemantic": sae.monosemantic}
+                    "gt_monosemantic": sae.monosemantic, "gt_purity": purities["sae"].purity,
+                    "gt_purity_value": purities["sae"].best_value, "gt_pure": purities["sae"].pure}
     if hasattr(ev, "feature_names"):
         ev.feature_names["gt_values"] = list(values)
         ev.feature_names["gt_image_keys"] = list(data.keys)  # the images scored, in order
@@ -428,7 +526,11 @@ def ground_truth_analysis(ev) -> None:
         f"with AUROC >= {MONOSEMANTIC_AUROC}) and they cover {_pct(sae.fraction_covered)} of the values; MLP neurons "
         f"{_pct(results['neurons'].fraction_monosemantic)} / {_pct(results['neurons'].fraction_covered)}; "
         f"{results['random'].n_live:,} random directions {_pct(results['random'].fraction_monosemantic)} / "
-        f"{_pct(results['random'].fraction_covered)}.")
+        f"{_pct(results['random'].fraction_covered)}. Purity (one value in >= {PURE_THRESHOLD:.0%} of the top "
+        f"{PURITY_TOP_K} images; pure / values covered): SAE features "
+        f"{_pct(purities['sae'].fraction_pure)} / {_pct(purities['sae'].fraction_covered)}, MLP neurons "
+        f"{_pct(purities['neurons'].fraction_pure)} / {_pct(purities['neurons'].fraction_covered)}, random "
+        f"directions {_pct(purities['random'].fraction_pure)} / {_pct(purities['random'].fraction_covered)}.")
 
 
 def _pct(x: float) -> str:
