@@ -16,15 +16,27 @@ import time
 import warnings
 from pathlib import Path
 
-from benchmarks import cache, explorer, gpu, memory, pipeline, planted_recovery, precision, sae_step, tiny_clip
+from benchmarks import (
+    cache,
+    explorer,
+    gpu,
+    memory,
+    multi_sae,
+    pipeline,
+    planted_recovery,
+    precision,
+    sae_step,
+    tiny_clip,
+)
 from benchmarks.report import ROOT, Section, machine, render
 
 CPU_PARTS = {"planted": planted_recovery.run, "sae_step": sae_step.run, "pipeline": pipeline.run,
              "memory": memory.run, "precision": precision.run, "explorer": explorer.run,
-             "tiny_clip": tiny_clip.run, "architectures": planted_recovery.architecture_section, "cache": cache.run}
+             "tiny_clip": tiny_clip.run, "architectures": planted_recovery.architecture_section, "cache": cache.run,
+             "multi_sae": multi_sae.run}
 # Opt-in parts: too long for `make bench` on a 2-core CPU (every architecture x 3 data variants at 2,000 steps
 # of 1,024); run them on a GPU machine: python -m benchmarks.run --only architectures --out BENCHMARKS-arch.md
-OPT_IN = {"architectures"}
+OPT_IN = {"architectures", "multi_sae"}  # multi_sae: N SAEs x (1 + N) fits, numbers in one_off.md
 PARTS = [*CPU_PARTS, "gpu"]
 ONE_OFF = ROOT / "benchmarks" / "one_off.md"
 
