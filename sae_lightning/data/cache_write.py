@@ -414,12 +414,10 @@ class CacheWriter:
     def _write_part(self, state: _Source) -> None:
         """Write the source's current part (atomically), list it in the manifest, start the next part."""
         n_images, per = len(state.keys), self.tokens_per_image
+        source = self.manifest["sources"][state.index]
+        entry = None  # only undecodable samples since the last file: no file, the source counts them
         if n_images:
             activations = torch.cat(state.rows).contiguous()
-        else:  # only undecodable samples since the last file: no rows, nothing to write but the count
-            activations = torch.empty(0, self.backbone.width, dtype=self.dtype)
-        source = self.manifest["sources"][state.index]
-        if n_images:
             labels = torch.tensor(state.labels, dtype=torch.int64).repeat_interleave(per)
             tensors = {"activations": activations, "labels": labels,
                        "image": torch.arange(n_images, dtype=torch.int32).repeat_interleave(per),
@@ -438,8 +436,6 @@ class CacheWriter:
                      "last_key": state.keys[-1]}
             self.manifest["shards"].append(entry)
             state.part += 1
-        else:
-            entry = None
         source["images"] += n_images
         source["rows"] += n_images * per
         source["skipped"] += len(state.skipped)
