@@ -283,10 +283,12 @@ def test_served_feature_page_heatmaps_in_headless_chromium(square_bundle):
 
 
 @pytest.mark.slow
-def test_evaluate_py_writes_heatmaps_that_agree_with_the_top_activations(tmp_path, data_dir, tiny_shards):
+def test_evaluate_py_writes_heatmaps_that_agree_with_the_top_activations(tmp_path, data_dir, tiny_shards,
+                                                                         monkeypatch):
     """A tiny patch-token run trained and evaluated end to end (evaluate.py): the heatmaps are recomputed in the
     bundle's fetch pass, the top activations in the evaluation's stream; for a patches run the largest value
-    of each heatmap is that image's top activation (the max over its patch tokens)."""
+    of each heatmap is that image's top activation (the max over its patch tokens). Then visualise.py on one
+    feature: its images appear on that feature's page."""
     from sae_lightning.training import train
     from tests.conftest import compose_config, demo_overrides
 
@@ -309,3 +311,14 @@ def test_evaluate_py_writes_heatmaps_that_agree_with_the_top_activations(tmp_pat
             assert np.nanmax(heat[s]) == pytest.approx(float(values[s]), rel=2e-3, abs=2e-3)
             checked += 1
     assert checked > 100
+
+    # visualise.py's real outputs for one live feature land on its feature page
+    f = int(np.nanargmax(b.features["mean_top_activation"]))
+    cmd = [sys.executable, "visualise.py", f"run={run}", f"features=[{f}]", "n_starts=2", "steps=4", "device=cpu"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run / "eval" / "visualisations" / "summary.json").read_text())["features"][str(f)]
+    at = _feature_page(run / "eval", monkeypatch, feature=f)
+    assert any(h.value.startswith("Feature visualisation") for h in at.subheader)
+    best = f"best {summary['best_activation']:.3g}"
+    assert any(best in c.value for c in at.caption)
