@@ -363,6 +363,32 @@ def test_app_inspects_an_uploaded_image(app, explored, demo_run):
     assert any("not a readable image" in e.value for e in app.error)
 
 
+@pytest.mark.slow
+def test_inspect_page_loads_the_named_sae_of_a_run_with_several(explored, demo_run, tmp_path, monkeypatch):
+    """A run with several SAEs keeps them in sae/<name>/: the launcher's sae_name reaches the Inspect page."""
+    import shutil
+
+    from streamlit.testing.v1 import AppTest
+
+    run = tmp_path / "run"
+    shutil.copytree(demo_run / ".hydra", run / ".hydra")
+    shutil.copytree(demo_run / "sae", run / "sae" / "small")
+    monkeypatch.setenv("SAE_EXPLORER_EVAL_DIR", str(explored))
+    monkeypatch.setenv("SAE_EXPLORER_RUN_DIR", str(run))
+    monkeypatch.setenv("SAE_EXPLORER_SAE_NAME", "small")
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    _go(at, "Inspect an image")
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (40, 30), (200, 30, 30)).save(buffer, format="PNG")
+    at.file_uploader(key="upload").upload("red.png", buffer.getvalue(), "image/png").run()
+    assert not at.exception and not at.error and "features fire** on red.png" in _texts(at)
+    monkeypatch.setenv("SAE_EXPLORER_SAE_NAME", "large")  # no such SAE: a clear error, not a crash
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    _go(at, "Inspect an image")
+    at.file_uploader(key="upload").upload("red.png", buffer.getvalue(), "image/png").run()
+    assert any("sae/large/cfg.json" in e.value for e in at.error)
+
+
 # ------------------------------------------------------------------------------------ headless Chromium
 
 
