@@ -186,7 +186,8 @@ class ExportSAECallback(Callback):
 
 
 class RunProgressBar(ProgressBar):
-    """One bar over the run's optimiser steps, with images/s, ETA and the latest loss, l0 and explained variance.
+    """One bar over the run's optimiser steps, with images/s, ETA and the latest loss, l0 and explained variance
+    (a multi-SAE run: how many of its SAEs still train).
 
     Lightning's own bar restarts every "epoch" of the stream and counts buffer-filling batches; this one
     counts SAE steps from start to `max_steps`, across a resume.
@@ -233,6 +234,8 @@ class RunProgressBar(ProgressBar):
                            ("metrics/explained_variance_uncentred", "ev")):
             if key in metrics and math.isfinite(metrics[key]):
                 postfix[short] = f"{metrics[key]:.3g}"
+        if hasattr(pl_module, "running"):  # a multi-SAE run: how many SAEs still train
+            postfix["saes"] = f"{len(pl_module.running())}/{len(pl_module.names)}"
         self.bar.set_postfix(postfix, refresh=False)
 
     def _close(self) -> None:

@@ -298,3 +298,43 @@ def test_one_pass_for_many_saes_equals_one_pass_each(image_multi_run, tiny_shard
             else:
                 assert a == b or (isinstance(a, dict) and all(
                     a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)), (name, field.name)
+
+
+class MultiRankStateDump(Callback):
+    """At the end of training every rank writes every SAE's parameters, counters and stop flags to <dir>/rank<r>.pt."""
+
+    def __init__(self, directory: str):
+        self.directory = Path(directory)
+
+    def on_train_end(self, trainer, pl_module):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        state = {f"{name}.{k}": v.detach().cpu().clone() for name, m in pl_module.members()
+                 for k, v in m.state_dict().items()}
+        state["stopped"] = pl_module.stopped.cpu().clone()
+        torch.save(state, self.directory / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.mark.slow
+def test_ddp_on_cpu_keeps_every_sae_identical_across_ranks_and_stops_one_everywhere(tmp_path, data_dir, tiny_shards):
+    from tests.conftest import demo_overrides
+    from tests.test_training import run_train_cli
+
+    overrides = [o for o in demo_overrides(tmp_path, data_dir, tiny_shards)
+                 if not o.startswith(("paths.output_dir", "training_images", "trainer.log_every_n_steps"))]
+    result = run_train_cli([*overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                            "data.resampled=true", "training_images=1280", "trainer.log_every_n_steps=5",
+                            f"hydra.run.dir={tmp_path}", "saes={a:{},b:{lr:2.0e-3}}",
+                            "+callbacks.nan._target_=tests.test_multi_sae.NaNGradientAt", "+callbacks.nan.name=b",
+                            "+callbacks.nan.step=2",
+                            "+callbacks.ranks._target_=tests.test_multi_sae.MultiRankStateDump",
+                            f"+callbacks.ranks.directory={tmp_path / 'ranks'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 10  # 1,280 images at 64 per rank and step, 2 ranks
+    assert ckpt["state_dict"]["stopped"].tolist() == [False, True]
+    assert json.loads((tmp_path / "sae" / "b" / "training_stopped.json").read_text())["step"] == 5
+    assert read_sae_step(tmp_path / "sae" / "a") == 10
+    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert {"a.sae.W_enc", "b.sae.W_enc", "a.steps_since_fired", "stopped"} <= set(ranks[0])
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
