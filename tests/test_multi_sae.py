@@ -67,6 +67,7 @@ def planted(out: Path, *extra: str) -> list[str]:
 
 TWO = "saes={a:{},b:{l1_coefficient:1.0e-3,lr:1.0e-3,expansion:3}}"
 TOPK = "+saes.t.sae={_target_:sae_lightning.sae.TopKSAE,k:4,mse:plain}"
+BATCHTOPK = "+sae@saes.bt.sae=batchtopk"  # composed from conf/sae/batchtopk.yaml, as an experiment file does
 
 
 def train_cfg(overrides: list[str]) -> Path:
@@ -83,7 +84,9 @@ def checksums(out: Path, name: str = "batches.json") -> list[str]:
 @pytest.fixture(scope="module")
 def multi_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("multi")
-    return train_cfg(planted(out, TWO, TOPK, *checksums(out)))
+    # with an architecture composed into `saes` (BATCHTOPK), entries are added one by one (Hydra's struct mode)
+    return train_cfg(planted(out, "+saes.a={}", "+saes.b={l1_coefficient:1.0e-3,lr:1.0e-3,expansion:3}", TOPK,
+                             BATCHTOPK, *checksums(out)))
 
 
 def test_variants_resolve_with_their_own_knobs_and_bad_entries_fail_before_any_work(tmp_path):
@@ -122,11 +125,11 @@ def test_each_sae_exports_its_own_folder_tensorboard_run_and_config(multi_run):
     assert resolved.lr == 1e-3 and resolved.expansion == 3 and "saes" not in resolved
     ckpt = torch.load(multi_run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 20  # one step per batch, not one per optimiser
-    assert [float(o["state"][0]["step"]) for o in ckpt["optimizer_states"]] == [20.0] * 3
+    assert [float(o["state"][0]["step"]) for o in ckpt["optimizer_states"]] == [20.0] * 4
     for name, sae in saes.items():
         assert torch.equal(sae.W_enc, ckpt["state_dict"][f"saes.{name}.sae.W_enc"])
     runs = sorted(p.name for p in (multi_run / "tensorboard" / multi_run.name).iterdir())
-    assert runs == ["a", "b", "t"]
+    assert runs == ["a", "b", "bt", "t"]
     events = EventAccumulator(str(multi_run / "tensorboard" / multi_run.name / "b"))
     events.Reload()
     assert [e.step for e in events.Scalars("losses/total")] == [5, 10, 15, 20]
@@ -136,7 +139,7 @@ def test_each_sae_exports_its_own_folder_tensorboard_run_and_config(multi_run):
 @pytest.mark.slow
 def test_every_sae_sees_the_same_batches_and_equals_its_single_run(multi_run, tmp_path):
     seen = json.loads((multi_run / "batches.json").read_text())
-    assert len(seen["a"]) == 20 and seen["a"] == seen["b"] == seen["t"]
+    assert len(seen["a"]) == 20 and seen["a"] == seen["b"] == seen["t"] == seen["bt"]
     # b alone: same data, seed and knobs, no other SAE beside it
     single = train_cfg(planted(tmp_path, "l1_coefficient=1.0e-3", "lr=1.0e-3", "expansion=3", *checksums(tmp_path)))
     assert json.loads((tmp_path / "batches.json").read_text())["single"] == seen["b"]
@@ -146,6 +149,12 @@ def test_every_sae_sees_the_same_batches_and_equals_its_single_run(multi_run, tm
     a_state = torch.load(multi_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b_state = torch.load(single / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert torch.equal(a_state["saes.b.steps_since_fired"], b_state["steps_since_fired"])
+    # BatchTopK too (AuxK, its threshold's moving average): the same as `sae=batchtopk` alone
+    single = train_cfg(planted(tmp_path / "bt", "sae=batchtopk"))
+    alone, together = SparseAutoencoder.load(single / "sae"), SparseAutoencoder.load(multi_run / "sae" / "bt")
+    assert type(together).__name__ == type(alone).__name__ and together.threshold.abs().sum() > 0
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+        torch.testing.assert_close(getattr(together, name), getattr(alone, name), rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -181,7 +190,8 @@ def test_a_non_finite_step_stops_that_sae_only_and_resume_keeps_it_stopped(multi
 def test_resume_refuses_other_saes(multi_run, tmp_path):
     last = multi_run / "checkpoints" / "last.ckpt"
     with pytest.raises(ValueError, match="saes.t: sae._target_"):
-        train_cfg(planted(tmp_path, TWO, "+saes.t.sae={_target_:sae_lightning.sae.BatchTopKSAE,k:4}",
+        train_cfg(planted(tmp_path, "+saes.a={}", "+saes.b={l1_coefficient:1.0e-3,lr:1.0e-3,expansion:3}",
+                          "+saes.t.sae={_target_:sae_lightning.sae.BatchTopKSAE,k:4}", BATCHTOPK,
                           f"ckpt_path={last}"))
     with pytest.raises(ValueError, match="the SAEs' names"):
         train_cfg(planted(tmp_path, TWO, f"ckpt_path={last}"))
@@ -248,6 +258,9 @@ def test_evaluate_writes_each_sae_into_its_own_folder(image_multi_run):
         assert metrics["l0"] == pytest.approx(results[name]["l0"])
         assert (image_multi_run / "eval" / name / "features.safetensors").is_file()
     assert results["topk"]["l0"] <= 4 and results["relu"]["l0"] != results["topk"]["l0"]
+    comparison = json.loads((image_multi_run / "eval" / "comparison.json").read_text())["saes"]
+    assert {name: row["l0"] for name, row in comparison.items()} == {n: results[n]["l0"] for n in results}
+    assert "| topk | 48 |" in (image_multi_run / "eval" / "comparison.md").read_text()
     # one SAE: only its folder is rewritten, with the same numbers as beside the other
     before = (image_multi_run / "eval" / "relu" / "metrics.json").stat().st_mtime_ns
     alone = evaluate_run(eval_cfg("sae_name=topk"))

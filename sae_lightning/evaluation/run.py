@@ -13,7 +13,9 @@ backbone forward per batch) and runs steps 3-4 per SAE into <out>/<name>/ (docs/
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -57,7 +59,9 @@ def evaluate_run(cfg: DictConfig) -> dict[str, Any]:
         for name in names:
             prepared[name] = prepare_inputs(cfg, sae_name=name, backbone=backbone)
             backbone = prepared[name].backbone
-        return _evaluate_many(cfg, prepared)
+        results = _evaluate_many(cfg, prepared)
+        write_comparison(next(iter(prepared.values())).out.parent)
+        return results
     finally:
         root.removeFilter(quiet)
 
@@ -198,3 +202,35 @@ def stream_pass_many(backbone, saes: dict[str, SparseAutoencoder], loader, *, la
                                      contrastive_undefined_reason=reason, n_skipped=skipped,
                                      extra={n: c.compute() for n, c in consumers[name].items()})
     return results
+
+
+COMPARISON_METRICS = ("n_features", "l0", "explained_variance", "explained_variance_uncentred", "mse_normalised",
+                      "dead_features", "ultra_rare_features", "dense_features", "contrastive_loss_score",
+                      "zero_shot_kl_sae", "zero_shot_accuracy_sae", "interpretability_sae_monosemantic")
+
+
+def write_comparison(out_root: Path) -> Path:
+    """<out>/comparison.md and comparison.json: the headline metrics of every SAE evaluated under <out_root>
+    (each <out_root>/<name>/metrics.json there, also those of earlier `sae_name=` evaluations), side by side."""
+    rows = {}
+    for metrics_path in sorted(out_root.glob("*/metrics.json")):
+        metrics = json.loads(metrics_path.read_text())
+        rows[metrics_path.parent.name] = {k: metrics.get(k) for k in ("sae_path", "n_images", *COMPARISON_METRICS)}
+    def cell(value: Any) -> str:
+        if value is None:
+            return "n/a"
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = [f"# {len(rows)} SAEs of one run, side by side", "",
+             "Each SAE's full evaluation is in its own folder (report.md, metrics.json); n/a: undefined or not "
+             "measured.", "", "| SAE | images | " + " | ".join(COMPARISON_METRICS) + " |",
+             "|---|---|" + "---|" * len(COMPARISON_METRICS)]
+    lines += [f"| {name} | {cell(row['n_images'])} | " + " | ".join(cell(row[k]) for k in COMPARISON_METRICS) + " |"
+              for name, row in rows.items()]
+    for name, text in (("comparison.json", json.dumps({"format_version": 1, "saes": rows}, indent=2) + "\n"),
+                       ("comparison.md", "\n".join(lines) + "\n")):
+        tmp = out_root / (name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(out_root / name)
+    log.info("wrote %s (the SAEs side by side)", out_root / "comparison.md")
+    return out_root / "comparison.md"
