@@ -351,3 +351,43 @@ def test_ddp_on_cpu_keeps_every_sae_identical_across_ranks_and_stops_one_everywh
     assert {"a.sae.W_enc", "b.sae.W_enc", "a.steps_since_fired", "stopped"} <= set(ranks[0])
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
+
+
+@pytest.fixture(scope="module")
+def written_cache(tmp_path_factory, data_dir, tiny_shards) -> Path:
+    """The tiny shards' class tokens through `cache.py`'s writer (tests/test_cache.py's cache)."""
+    from sae_lightning.data.cache_write import CacheWriter
+    from tests.test_cache import cache_config
+
+    directory = tmp_path_factory.mktemp("cache") / "cls"
+    assert CacheWriter(cache_config(directory, data_dir, tiny_shards)).run() == 0
+    return directory
+
+
+@pytest.mark.slow
+def test_from_the_cache_an_interrupted_multi_run_resumes_to_the_same_saes(tmp_path, written_cache):
+    """data=cache (exact resume position): 3 SAEs for 24 steps straight vs stopped by SIGTERM at step 9 and
+    resumed: every SAE, its counters and its Adam state to 1e-5; and each equals its own single cache run."""
+    from tests.test_cache import final_state, train_config
+
+    saes = ["+saes.relu={}", "+saes.l1={l1_coefficient:1.0e-2,lr:2.0e-3}", "+sae@saes.topk.sae=topk",
+            "saes.topk.sae.k=8"]
+    from sae_lightning.training import train
+
+    train(train_config(tmp_path / "straight", written_cache, saes))
+    reference = final_state(tmp_path / "straight")
+    stopped = tmp_path / "stopped"
+    with pytest.raises(SystemExit) as exit_info:
+        train(train_config(stopped, written_cache, [*saes, "+callbacks.stop._target_=tests.helpers.SignalAtStep",
+                                                    "+callbacks.stop.step=9"]))
+    assert exit_info.value.code == 143
+    train(train_config(stopped, written_cache, [*saes, "ckpt_path=last"]))
+    state = final_state(stopped)
+    assert state.keys() == reference.keys() and "saes.topk.sae.W_enc" in state and "adam2.0.exp_avg" in state
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, atol=1e-5, rtol=0, msg=key)
+    # the l1 SAE alone on the same cache
+    train(train_config(tmp_path / "alone", written_cache, ["l1_coefficient=1.0e-2", "lr=2.0e-3"]))
+    alone = final_state(tmp_path / "alone")
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(reference[f"saes.l1.sae.{name}"], alone[f"sae.{name}"], atol=1e-5, rtol=0)
