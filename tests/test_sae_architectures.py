@@ -307,3 +307,11 @@ def test_bad_knobs_are_refused():
         BatchTopKSAE(4, 8, k=0)
     with pytest.raises(ValueError, match="bandwidth and init_threshold must be positive"):
         JumpReLUSAE(4, 8, bandwidth=0)
+
+
+def test_standard_tied_init_starts_the_encoder_as_the_decoders_transpose():
+    torch.manual_seed(0)
+    tied, seed = SparseAutoencoder(8, 24, tied_init=True), SparseAutoencoder(8, 24)
+    assert torch.equal(tied.W_enc, tied.W_dec.T)
+    assert torch.allclose(tied.W_dec.norm(dim=-1), torch.ones(24))
+    assert not torch.allclose(seed.W_enc, seed.W_dec.T)  # the seed's: independent Kaiming-uniform encoder

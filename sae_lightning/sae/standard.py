@@ -44,7 +44,10 @@ class SparseAutoencoder(nn.Module):
     architecture = "standard"  # the name cfg.json's `architecture` gets (SAELens's)
 
     def __init__(self, d_in: int, d_sae: int, *, l1_coefficient: float = 8e-5, mse: str = "normalised",
-                 metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
+                 tied_init: bool = False, metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
+        """`tied_init`: start the encoder as the decoder's transpose, W_enc = W_dec^T (unit-norm columns;
+        Anthropic's April 2024 update, SAELens's default) instead of the seed's independent Kaiming-uniform
+        encoder. Only the start differs; nothing is tied during training."""
         super().__init__()
         if mse not in ("normalised", "plain"):
             raise ValueError(f"mse must be 'normalised' or 'plain', got {mse!r}")
@@ -57,6 +60,9 @@ class SparseAutoencoder(nn.Module):
         self.b_enc = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         self.b_dec = nn.Parameter(torch.zeros(d_in, dtype=dtype))
         F_sae.normalise_decoder_rows(self.W_dec)
+        if tied_init:
+            with torch.no_grad():
+                self.W_enc.copy_(self.W_dec.T)
 
     def encode_pre(self, x: torch.Tensor) -> torch.Tensor:
         """Pre-activations (before ReLU) [..., F]; ghost grads need them."""
