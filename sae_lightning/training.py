@@ -83,6 +83,13 @@ def sae_variants(cfg: DictConfig) -> dict[str, DictConfig] | None:
         if bad_schedule:
             problems.append(f"saes.{name}.schedule: {', '.join(bad_schedule)} is run-wide (one checkpoint holds "
                             f"every SAE); an entry may set {', '.join(VARIANT_SCHEDULE_KEYS)}")
+        for group in ("module", "sae"):  # knobs the run's own node has (a whole new `sae` brings its own)
+            node = entry.get(group)
+            if isinstance(node, dict) and "_target_" not in node and isinstance(base.get(group), dict):
+                typos = sorted(set(node) - set(base[group]))
+                if typos:
+                    problems.append(f"saes.{name}.{group}: {', '.join(typos)} is not a knob of the run's {group} "
+                                    f"({', '.join(k for k in base[group] if k != '_target_')})")
         variant = OmegaConf.create(base)
         sae_node = entry.pop("sae", None)
         if isinstance(sae_node, dict) and "_target_" in sae_node:

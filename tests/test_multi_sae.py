@@ -101,10 +101,13 @@ def test_variants_resolve_with_their_own_knobs_and_bad_entries_fail_before_any_w
     assert variants["topk16"].lr == 2e-3 and variants["batchtopk16"].expansion == 16
     assert sae_variants(compose_config([])) is None  # the default: one SAE, as before
     with pytest.raises(ValueError) as err:
-        train_cfg(planted(tmp_path, "saes={a:{layer:3},b:{schedule:{checkpoint_every:64}},_c:{}}"))
+        train_cfg(planted(tmp_path, "saes={a:{layer:3},b:{schedule:{checkpoint_every:64}},_c:{},"
+                                    "d:{module:{ghost_grad:false},sae:{k:3}}}"))
     message = str(err.value)
     assert "saes.a: layer cannot differ" in message and "saes.b.schedule: checkpoint_every is run-wide" in message
     assert "saes._c: the name becomes a folder" in message
+    assert "saes.d.module: ghost_grad is not a knob of the run's module" in message
+    assert "saes.d.sae: k is not a knob of the run's sae (l1_coefficient, mse)" in message
     with pytest.raises(ValueError, match=r"saes.a: (.|\n)*lr=-1.0: must be a finite number"):
         train_cfg(planted(tmp_path, "saes={a:{lr:-1.0}}"))
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "sae").exists()
