@@ -427,3 +427,15 @@ def test_the_commands_cache_then_train(tmp_path, data_dir, tiny_shards):
     assert result.returncode == 0, result.stderr[-3000:]
     sae = SparseAutoencoder.load(tmp_path / "run" / "sae")
     assert sae.d_in == 64 and sae.metadata["tokens"] == "cls"
+    # the run has no backbone of its own: evaluate.py takes the one the cache's manifest names
+    result = cli("evaluate.py", f"run={tmp_path / 'run'}", f"val_shards='{tiny_shards[1]}'", "top_k=5",
+                 "batch_size=32", "contrastive_batch_size=32", "num_workers=0", "device=cpu", "n_grid_features=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert metrics["explained_variance_uncentred"] > 0.5  # the cache's backbone and layer, not some other
+    assert "sae-tiny-vit.pt" in result.stderr + result.stdout  # evaluated through the manifest's weights
+    shutil.rmtree(tmp_path / "cache")  # the manifest is what names the backbone: without it, a clear refusal
+    result = cli("evaluate.py", f"run={tmp_path / 'run'}", f"val_shards='{tiny_shards[1]}'", "device=cpu",
+                 f"out_dir={tmp_path / 'eval2'}")
+    assert result.returncode != 0 and "activation cache" in result.stderr and "no such directory" in result.stderr
+    assert not (tmp_path / "eval2").exists()

@@ -206,6 +206,30 @@ def _stopped_note(run: Path, name: str) -> str | None:
             f"): {record.get('reason')}")
 
 
+def run_backbone(run_cfg: DictConfig) -> tuple[DictConfig, int, str]:
+    """(backbone config, layer as configured, tokens) that made the run's activations.
+
+    A run trained from an activation cache (`data=cache`) has no backbone of its own: the cache's manifest
+    names the one that wrote it (docs/format-activations.md). Other runs without a backbone (planted or
+    stored activations) cannot be evaluated on images."""
+    if run_cfg.get("backbone") is not None:
+        return run_cfg.backbone, int(run_cfg.layer), str(run_cfg.tokens)
+    cache_dir = OmegaConf.select(run_cfg, "data.path") if str(
+        OmegaConf.select(run_cfg, "data._target_", default="")).endswith("CacheDataModule") else None
+    if cache_dir:
+        from sae_lightning.data.cache_format import backbone_source
+
+        try:
+            source = backbone_source(cache_dir)
+        except Exception as exn:  # CacheError / OSError: say which cache and why
+            raise ValueError(f"the run trained from the activation cache {cache_dir}, whose manifest names the "
+                             f"backbone to evaluate with, but it cannot be read: {exn}") from exn
+        return OmegaConf.create(source["backbone"]), int(source["layer"]), str(source["tokens"])
+    raise ValueError("the run trained on stored activations with no backbone (data=activations or planted "
+                     "features), so there are no images to evaluate it on; score planted runs with "
+                     "`python -m sae_lightning.planted <run>`")
+
+
 def prepare_inputs(cfg: DictConfig, sae_name: str | None = None, backbone: Any = None) -> EvalInputs:
     """Check everything, load the SAE and the backbone (unless given); writes nothing.
 
@@ -231,12 +255,12 @@ def prepare_inputs(cfg: DictConfig, sae_name: str | None = None, backbone: Any =
     if any(not 0 <= f < sae.d_sae for f in features):
         raise ValueError(f"features={features}: feature ids must be in 0..{sae.d_sae - 1}")
 
+    backbone_cfg, layer_spec, tokens = run_backbone(run_cfg)
     if backbone is None:
-        backbone = hydra.utils.instantiate(run_cfg.backbone, device=str(device))
+        backbone = hydra.utils.instantiate(backbone_cfg, device=str(device))
     if backbone.width != sae.d_in:
         raise ValueError(f"the SAE's d_in {sae.d_in} != the backbone's width {backbone.width}")
-    layer = backbone.resolve_layer(int(run_cfg.layer))
-    tokens = str(run_cfg.tokens)
+    layer = backbone.resolve_layer(layer_spec)
     inputs = EvalInputs(cfg=cfg, run=run, run_cfg=run_cfg, out=out, device=device, sae=sae, sae_dir=sae_dir,
                         backbone=backbone, layer=layer, tokens=tokens, urls=urls, classnames=classnames,
                         classnames_source=source, features=features)
