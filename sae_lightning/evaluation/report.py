@@ -86,6 +86,13 @@ METRIC_GROUPS: dict[str, list[tuple[str, str, Any]]] = {
         ("interpretability_random_units", "random directions scored (non-constant)", None),
         ("interpretability_random_monosemantic", "the same fraction for the random directions", None),
         ("interpretability_random_covered", "values some random direction explains", None),
+        ("ground_truth_purity_top_k", "top images per unit that purity looks at", None),
+        ("ground_truth_purity_threshold", "precision of those top images at which a unit is pure", None),
+        ("ground_truth_purity_values", "values purity is scored on (scorable, in at most half of the images)", None),
+        *[(f"interpretability_{family}_pure", f"live {what} whose top images nearly all share one value", None)
+          for family, what in (("sae", "SAE features"), ("neurons", "MLP neurons"), ("random", "random directions"))],
+        *[(f"interpretability_{family}_pure_covered", f"purity-scored values some {what} is pure for", None)
+          for family, what in (("sae", "SAE feature"), ("neurons", "MLP neuron"), ("random", "random direction"))],
     ],
     "Feature labels": [
         ("label_method", "the method of the `label` column (the best on the scene world)", None),
