@@ -53,7 +53,7 @@ class TinyClipConfig:
     n_train: int = 12288
     n_captions: int = 3
     group_size: int = 1  # >1: hard-negative groups (a base scene, variants changing shape, count, effect, colour)
-    steps: int = 400
+    steps: int = 1000
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
