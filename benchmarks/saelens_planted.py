@@ -76,7 +76,7 @@ def saelens_config(arch: str, d_in: int, d_sae: int, run: dict, overrides: dict)
     from sae_lens.saes.standard_sae import StandardTrainingSAEConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 
-    knobs = run.get("sae_kwargs") or {}
+    knobs = {**(run.get("sae_kwargs") or {}), **overrides}
     common = {"d_in": d_in, "d_sae": d_sae, "device": "cpu", "dtype": "float32"}
     if arch == "standard":
         cls, fields = StandardTrainingSAEConfig, dict(SPARSITY["standard"])
@@ -119,7 +119,7 @@ class Batches:
         return self.x[rows]
 
 
-def train(run_dir: Path, out: Path, settings: str, overrides: dict) -> dict:
+def train(run_dir: Path, out: Path, settings: str, overrides: dict, arch: str | None = None) -> dict:
     """Train SAELens's SAE on the run's data; write `out/sae`, `out/planted.safetensors`, `out/scores.json`."""
     import sae_lens
     from sae_lens import SAE
@@ -133,7 +133,7 @@ def train(run_dir: Path, out: Path, settings: str, overrides: dict) -> dict:
     torch.manual_seed(run["seed"])
     x = planted.sample(run["n_train"], torch.Generator().manual_seed(run["seed"] + 1))
     d_sae = run["expansion"] * run["d"]
-    cfg = saelens_config(run["sae"], run["d"], d_sae, run, overrides)
+    cfg = saelens_config(arch or run["sae"], run["d"], d_sae, run, overrides)
     sae = TrainingSAE.from_dict(cfg.to_dict())
     if trainer_settings["b_dec_init"] == "mean":
         with torch.no_grad():
@@ -190,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                                         "topk)")
     parser.add_argument("--settings", choices=sorted(SETTINGS), default="default")
     parser.add_argument("--out", default=None, help="default: <run_dir>/../saelens-<arch>-<settings>")
+    parser.add_argument("--arch", default=None, help="train this architecture on the run's data instead of the "
+                                                     "run's own (its k with --set k=...)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a SAELens config field or a trainer setting (lr, lr_warm_up_steps, ...)")
     args = parser.parse_args(argv)
@@ -198,10 +200,11 @@ def main(argv: list[str] | None = None) -> None:
     overrides = dict(item.split("=", 1) for item in args.set)
     overrides = {k: parse_value(v) for k, v in overrides.items()}
     _, run, _ = read_run(run_dir)
-    out = Path(args.out) if args.out else run_dir.parent / f"saelens-{run['sae']}-{args.settings}"
-    scores = train(run_dir, out, args.settings, overrides)
+    arch = args.arch or run["sae"]
+    out = Path(args.out) if args.out else run_dir.parent / f"saelens-{arch}-{args.settings}"
+    scores = train(run_dir, out, args.settings, overrides, arch)
     mmcs_down = math.floor(scores["mmcs"] * 1e4) / 1e4
-    print(" | ".join([run_dir.parent.name, f"SAELens {run['sae']} ({args.settings})",
+    print(" | ".join([run_dir.parent.name, f"SAELens {arch} ({args.settings})",
                       ", ".join(f"{k}={v}" for k, v in overrides.items()), f"{mmcs_down:.4f}",
                       f"{100 * scores['recovered_0.9']:.1f}%", f"{scores['l0']:.1f}",
                       f"{scores['explained_variance']:.3f}", f"{100 * scores['dead_fraction']:.1f}%",
