@@ -490,14 +490,15 @@ class MultiSAETrainingModule(LightningModule):
         for i, name, member in active:
             member.apply_step(xs[name], outs[name], step, force_skip=stopped[i])
         self._count_step()
-        for i, name, member in active:
-            if stopped[i]:
-                continue
-            try:
-                member.after_step(xs[name], outs[name])
-            except TrainingDiverged as err:
-                self._stop(name, err)
-        self._all_stopped_check()
+        # each member's `after_step`, with the health checks agreed across ranks before any member logs (a
+        # check on a rank's own batch may fail on one rank only; logging syncs metrics across ranks)
+        for i, _, member in active:
+            if not stopped[i] and self.global_step % member.hparams.feature_sampling_window == 0:
+                member.close_density_window()
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self.check_health()  # stops the failing members on every rank; raises once all have stopped
+            for name, member in self.running():
+                member.log_step(xs[name], outs[name])
         return total.detach()
 
     def _stop(self, name: str, err: Exception) -> None:
@@ -545,15 +546,23 @@ class MultiSAETrainingModule(LightningModule):
                 member.check_health()
             except TrainingDiverged as err:
                 failed[name] = err
-        if self._distributed():
-            flags = torch.tensor([name in failed for name in self.names], device=self.device, dtype=torch.uint8)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            for name, flag in zip(self.names, flags.tolist()):
-                if flag and name not in failed and name in dict(self.running()):
-                    failed[name] = TrainingDiverged("another rank's health check failed for this SAE")
-        for name, err in failed.items():
+        for name, err in self._agree_on_failures(failed).items():
             self._stop(name, err)
         self._all_stopped_check()
+
+    def _agree_on_failures(self, failed: dict[str, Exception]) -> dict[str, Exception]:
+        """Under DDP, the members whose health check failed on any rank (a check on a rank's own batch, such
+        as the explained variance, may fail on one rank only): every rank then stops the same members."""
+        if not self._distributed():
+            return failed
+        flags = torch.tensor([name in failed for name in self.names], device=self.device, dtype=torch.uint8)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        running = dict(self.running())
+        agreed = dict(failed)
+        for name, flag in zip(self.names, flags.tolist()):
+            if flag and name not in agreed and name in running:
+                agreed[name] = TrainingDiverged("another rank's health check failed for this SAE")
+        return agreed
 
     def on_train_end(self) -> None:
         self.check_health()

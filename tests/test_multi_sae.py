@@ -356,6 +356,44 @@ def test_ddp_on_cpu_keeps_every_sae_identical_across_ranks_and_stops_one_everywh
         assert torch.equal(ranks[0][key], ranks[1][key]), key
 
 
+class DivergeOnRank(Callback):
+    """From step `step` on, SAE `name`'s explained-variance health check fails on rank `rank` only (a check on
+    that rank's own batch, as a real divergence seen in one rank's data would)."""
+
+    def __init__(self, name: str, step: int, rank: int):
+        self.name, self.step, self.rank = name, step, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            pl_module.saes[self.name].hparams.divergence_explained_variance = 2.0  # EV is never above 1
+
+
+@pytest.mark.slow
+def test_ddp_a_health_check_failing_on_one_rank_stops_that_sae_on_every_rank(tmp_path, data_dir, tiny_shards):
+    """The explained variance is checked on each rank's own batch: when it fails on rank 1 only, both ranks
+    stop that SAE at the same step (before the fix, rank 0 trained it on and the ranks' copies drifted)."""
+    from tests.conftest import demo_overrides
+    from tests.test_training import run_train_cli
+
+    overrides = [o for o in demo_overrides(tmp_path, data_dir, tiny_shards)
+                 if not o.startswith(("paths.output_dir", "training_images", "trainer.log_every_n_steps"))]
+    result = run_train_cli([*overrides, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                            "data.resampled=true", "training_images=1280", "trainer.log_every_n_steps=5",
+                            f"hydra.run.dir={tmp_path}", "saes={a:{},b:{lr:2.0e-3}}",
+                            "+callbacks.diverge._target_=tests.test_multi_sae.DivergeOnRank",
+                            "+callbacks.diverge.name=b", "+callbacks.diverge.step=2", "+callbacks.diverge.rank=1",
+                            "+callbacks.ranks._target_=tests.test_multi_sae.MultiRankStateDump",
+                            f"+callbacks.ranks.directory={tmp_path / 'ranks'}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    stopped = json.loads((tmp_path / "sae" / "b" / "training_stopped.json").read_text())
+    assert stopped["step"] == 5 and stopped["exported_step"] is None
+    assert read_sae_step(tmp_path / "sae" / "a") == 10
+    ranks = [torch.load(tmp_path / "ranks" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["stopped"].tolist() == ranks[1]["stopped"].tolist() == [False, True]
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+
+
 @pytest.fixture(scope="module")
 def written_cache(tmp_path_factory, data_dir, tiny_shards) -> Path:
     """The tiny shards' class tokens through `cache.py`'s writer (tests/test_cache.py's cache)."""
