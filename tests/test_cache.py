@@ -434,6 +434,30 @@ def test_the_commands_cache_then_train(tmp_path, data_dir, tiny_shards):
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
     assert metrics["explained_variance_uncentred"] > 0.5  # the cache's backbone and layer, not some other
     assert "sae-tiny-vit.pt" in result.stderr + result.stdout  # evaluated through the manifest's weights
+    # the explorer's Inspect page runs the manifest's backbone and layer too (it crashed on `backbone: null`)
+    from streamlit.testing.v1 import AppTest
+
+    os.environ.update(SAE_EXPLORER_EVAL_DIR=str(tmp_path / "run" / "eval"), SAE_EXPLORER_RUN_DIR=str(tmp_path / "run"),
+                      SAE_EXPLORER_SAE_NAME="")
+    try:
+        app = AppTest.from_file(str(ROOT / "sae_lightning" / "explorer" / "app.py"), default_timeout=60).run()
+        app.sidebar.radio(key="page").set_value("Inspect an image").run()
+        image = io.BytesIO()
+        PIL.Image.new("RGB", (40, 30), (200, 30, 30)).save(image, format="PNG")
+        app.file_uploader(key="upload").upload("red.png", image.getvalue(), "image/png").run()
+    finally:
+        for key in ("SAE_EXPLORER_EVAL_DIR", "SAE_EXPLORER_RUN_DIR", "SAE_EXPLORER_SAE_NAME"):
+            os.environ.pop(key, None)
+    assert not app.exception and not app.error, (app.exception, app.error)
+    from sae_lightning.backbone import select_tokens
+
+    source = backbone_source(tmp_path / "cache")
+    backbone = instantiate(source["backbone"], device="cpu")
+    with torch.no_grad():
+        pixels = backbone.preprocess(PIL.Image.open(io.BytesIO(image.getvalue())).convert("RGB"))[None]
+        x = select_tokens(backbone.residual(pixels, backbone.resolve_layer(source["layer"])), source["tokens"])
+        fired = int((sae.encode(x) > 0).sum())
+    assert f"**{fired} features fire** on red.png" in [m.value for m in app.markdown]
     shutil.rmtree(tmp_path / "cache")  # the manifest is what names the backbone: without it, a clear refusal
     result = cli("evaluate.py", f"run={tmp_path / 'run'}", f"val_shards='{tiny_shards[1]}'", "device=cpu",
                  f"out_dir={tmp_path / 'eval2'}")

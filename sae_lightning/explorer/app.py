@@ -382,6 +382,7 @@ def load_models(run_dir: str, sae_name: str = ""):
     import hydra
     from omegaconf import OmegaConf
 
+    from sae_lightning.evaluation.inputs import run_backbone
     from sae_lightning.sae import SparseAutoencoder
 
     run = Path(run_dir)
@@ -390,10 +391,11 @@ def load_models(run_dir: str, sae_name: str = ""):
     if not cfg_path.is_file() or not (sae_dir / "cfg.json").is_file():
         raise FileNotFoundError(f"{run} is not a training run directory (no .hydra/resolved.yaml or "
                                 f"{sae_dir.relative_to(run)}/cfg.json)")
-    cfg = OmegaConf.load(cfg_path)
-    backbone = hydra.utils.instantiate(cfg.backbone, device="cpu")
+    # a run trained from an activation cache has no backbone of its own: the cache's manifest names it
+    backbone_cfg, layer, tokens = run_backbone(OmegaConf.load(cfg_path))
+    backbone = hydra.utils.instantiate(backbone_cfg, device="cpu")
     sae = SparseAutoencoder.load(sae_dir, device="cpu").eval()
-    return backbone, sae, backbone.resolve_layer(int(cfg.layer)), str(cfg.tokens)
+    return backbone, sae, backbone.resolve_layer(layer), tokens
 
 
 def image_activations(run_dir: str, image: PIL.Image.Image) -> np.ndarray:
@@ -431,7 +433,7 @@ def page_inspect(b: Bundle, ed: str) -> None:
         return
     try:
         acts = image_activations(run_dir, image)
-    except FileNotFoundError as exn:
+    except (FileNotFoundError, ValueError) as exn:  # no run there; a run with no backbone (planted)
         st.error(str(exn))
         return
     st.image(image, caption=name, width=160)
