@@ -147,6 +147,17 @@ def test_launcher_picks_the_evaluation_of_one_sae_of_a_run_with_several(tmp_path
     (tmp_path / "eval" / "large" / "explorer" / "bundle.json").unlink()
     assert launcher.resolve({"run": str(tmp_path)})[0] == tmp_path.resolve() / "eval" / "small"
     assert launcher.parse([f"run={tmp_path}", "sae_name=small"])["sae_name"] == "small"
+    # eval_dir=<run>/eval/<name> alone: the run is <run> (not <run>/eval) and the SAE <name>, so the Inspect page
+    # loads <run>/sae/<name>/
+    (tmp_path / "sae" / "small").mkdir(parents=True)
+    (tmp_path / "sae" / "small" / "cfg.json").write_text("{}")
+    assert launcher.resolve({"eval_dir": str(tmp_path / "eval" / "small")}) == (
+        tmp_path.resolve() / "eval" / "small", tmp_path.resolve(), "small")
+    # a single-SAE run evaluated into <run>/solo: the run is its parent
+    (tmp_path / "solo" / "explorer").mkdir(parents=True)
+    (tmp_path / "solo" / "explorer" / "bundle.json").write_text("{}")
+    assert launcher.resolve({"eval_dir": str(tmp_path / "solo")}) == (tmp_path.resolve() / "solo", tmp_path.resolve(),
+                                                                      None)
 
 
 # ------------------------------------------------------------------------------ a real tiny run, bundled

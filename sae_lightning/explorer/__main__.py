@@ -36,7 +36,13 @@ def resolve(args: dict[str, str]) -> tuple[Path, Path, str | None]:
 
     The evaluation is `eval_dir` (default `<run>/eval`) itself, or, for a run with several SAEs, its
     sub-directory `<sae_name>`; without `sae_name` the only evaluated SAE is taken, and several are an error
-    that names them."""
+    that names them. Without `run`, the run is the parent of `eval_dir`, or for `eval_dir=<run>/eval/<name>`
+    of a run with several SAEs, `<run>` (its SAE `<name>`, for the Inspect page)."""
+    if not args.get("run") and not args.get("sae_name"):
+        given = Path(args["eval_dir"]).expanduser().resolve()
+        run = given.parent.parent  # eval_dir=<run>/eval/<name> of a run with several SAEs: that SAE of <run>
+        if (given / BUNDLE).is_file() and (run / "sae" / given.name / "cfg.json").is_file():
+            return given, run, given.name
     run = Path(args.get("run") or Path(args["eval_dir"]).parent).expanduser().resolve()
     base = Path(args.get("eval_dir") or run / "eval").expanduser().resolve()
     name = args.get("sae_name")
