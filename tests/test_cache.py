@@ -421,6 +421,8 @@ def test_the_commands_cache_then_train(tmp_path, data_dir, tiny_shards):
     result = cli("cache.py", *common, f"cache.dir={tmp_path / 'cache'}", "cache.dtype=bf16")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Cache complete: 512 rows" in result.stderr + result.stdout
+    assert f"python train.py experiment=demo '~backbone' data=cache data.path={tmp_path / 'cache'}" in \
+        result.stderr + result.stdout  # the hint keeps the experiment, so its SAE settings are not lost
     result = cli("train.py", "experiment=demo", "~backbone", "data=cache", f"data.path={tmp_path / 'cache'}",
                  "max_steps=6", "sae_batch_size=64", "data.buffer_size=128", "trainer.enable_progress_bar=false",
                  f"hydra.run.dir={tmp_path / 'run'}")

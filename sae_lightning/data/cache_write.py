@@ -107,6 +107,20 @@ def cache_identity(cfg: DictConfig, sources: list[str]) -> dict[str, Any]:
             "batch_size": cfg.cache.batch_size, "autocast": str(cfg.data.get("autocast", "32")), "sources": sources}
 
 
+def train_command(directory: Path) -> str:
+    """The train.py command for this cache, keeping the cache run's experiment (whose SAE settings the user
+    most likely wants) and dropping the backbone it selects."""
+    experiment = None
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+    except ValueError:  # not under Hydra (CacheWriter used from Python)
+        pass
+    prefix = f"experiment={experiment} '~backbone' " if experiment else ""
+    return f"python train.py {prefix}data=cache data.path={directory}"
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -274,8 +288,7 @@ class CacheWriter:
                                      verify=bool(cfg.cache.get("verify", True)))
         if manifest.get("complete"):
             log.info("%s already holds the complete cache (%d rows from %d images): nothing to do. Train on it: "
-                     "python train.py data=cache data.path=%s", self.directory, manifest["total_rows"],
-                     manifest["images"], self.directory)
+                     "%s", self.directory, manifest["total_rows"], manifest["images"], train_command(self.directory))
             return 0
         self.directory.mkdir(parents=True, exist_ok=True)
         write_manifest(self.directory, manifest)
@@ -365,8 +378,8 @@ class CacheWriter:
         _recount(manifest)
         write_manifest(self.directory, manifest)
         log.info("Cache complete: %d rows (%d images, %d undecodable samples skipped) in %d file(s) in %s. Train on "
-                 "it: python train.py data=cache data.path=%s", manifest["total_rows"], manifest["images"],
-                 manifest["samples_skipped"], len(manifest["shards"]), self.directory, self.directory)
+                 "it: %s", manifest["total_rows"], manifest["images"], manifest["samples_skipped"],
+                 len(manifest["shards"]), self.directory, train_command(self.directory))
         return 0
 
     def _state(self, url: str) -> _Source:
