@@ -285,8 +285,7 @@ def test_one_pass_for_many_saes_equals_one_pass_each(image_multi_run, tiny_shard
     from omegaconf import OmegaConf
 
     from sae_lightning.data.shards import expand_shards, image_loader, load_classnames
-    from sae_lightning.evaluation.run import stream_pass_many
-    from sae_lightning.evaluation.stream import stream_pass
+    from sae_lightning.evaluation.stream import stream_pass, stream_pass_many
 
     backbone = instantiate(OmegaConf.load(image_multi_run / ".hydra" / "resolved.yaml").backbone, device="cpu")
     saes = {name: SparseAutoencoder.load(image_multi_run / "sae" / name).eval() for name in ("relu", "topk")}

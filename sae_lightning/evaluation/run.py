@@ -7,7 +7,7 @@
 3. `analyses.analyse`: every function of `analyses.ANALYSES` adds metrics, per-feature tensors, figures.
 4. `outputs.write_evaluation`: every writer of `outputs.WRITERS` into a temporary directory, swapped in whole.
 
-A multi-SAE run (`saes:`) checks every SAE first, then streams once for all of them (`stream_pass_many`: one
+A multi-SAE run (`saes:`) checks every SAE first, then streams once for all of them (`stream.stream_pass_many`: one
 backbone forward per batch) and runs steps 3-4 per SAE into <out>/<name>/ (docs/format-eval.md).
 """
 
@@ -20,18 +20,12 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
-from sae_lightning.backbone import replace_tokens, select_tokens
 from sae_lightning.data.shards import image_loader
 from sae_lightning.evaluation.analyses import analyse, make_consumers
-from sae_lightning.evaluation.contrastive import ContrastiveAccumulator, class_text_features
-from sae_lightning.evaluation.feature_stats import FeatureStatsAccumulator, KeyTable
 from sae_lightning.evaluation.inputs import EvalInputs, image_resolution_warning, prepare_inputs, select_saes
 from sae_lightning.evaluation.outputs import write_evaluation
-from sae_lightning.evaluation.reconstruction import ReconstructionAccumulator
-from sae_lightning.evaluation.stream import ChunkConsumer, StreamResult, TokenChunk, count_shard_images, stream_pass
-from sae_lightning.sae import SparseAutoencoder
+from sae_lightning.evaluation.stream import StreamResult, count_shard_images, stream_pass, stream_pass_many
 
 log = logging.getLogger(__name__)
 
@@ -123,84 +117,6 @@ def _evaluate_many(cfg: DictConfig, prepared: dict[str, EvalInputs]) -> dict[str
         torch.manual_seed(cfg.seed)  # each SAE's analyses draw what they would in an evaluation of their own
         log.info("SAE %s (%d of %d) -> %s", name, len(results) + 1, len(prepared), inputs.out)
         results[name] = _finish(cfg, inputs, streams[name])
-    return results
-
-
-@torch.no_grad()
-def stream_pass_many(backbone, saes: dict[str, SparseAutoencoder], loader, *, layer: int, tokens: str,
-                     n_images: int, k: int, classnames: list[str] | None, contrastive_batch_size: int,
-                     max_tokens: int, device: torch.device, total: int | None = None,
-                     consumers: dict[str, dict[str, ChunkConsumer]] | None = None) -> dict[str, StreamResult]:
-    """`stream.stream_pass` for several SAEs on the same hooked activations: per batch the backbone runs up to
-    `layer` once and the original and ablated CLIP features are computed once; each SAE encodes the same
-    tokens [n, d] or [n, T, d] (chunks of `max_tokens` rows) and runs its own spliced branch. Each result
-    equals `stream_pass` of that SAE alone (tests/test_multi_sae.py checks it)."""
-    consumers = {name: dict((consumers or {}).get(name) or {}) for name in saes}
-    state = {name: {"stats": FeatureStatsAccumulator(sae.d_sae, k, device), "keys": KeyTable(),
-                    "recon": ReconstructionAccumulator(sae.d_in, device)} for name, sae in saes.items()}
-    text = class_text_features(backbone, classnames) if classnames else None
-    for name in saes:
-        state[name]["contrastive"] = (ContrastiveAccumulator(text, backbone.logit_scale(), contrastive_batch_size)
-                                      if classnames else None)
-    per_chunk = max(1, max_tokens // backbone.n_tokens_for(tokens))
-    seen, skipped = 0, 0
-    bar = tqdm(total=min(n_images, total) if total is not None else n_images, desc="evaluating", unit="img",
-               dynamic_ncols=True)
-    for batch in loader:
-        skipped += int(batch["n_skipped"])
-        take = min(len(batch["labels"]), n_images - seen)
-        images = batch["images"][:take].to(device, non_blocking=True)
-        labels = batch["labels"][:take].to(device)
-        batch_keys = list(batch["keys"][:take])
-        if classnames and take and int(labels.max()) >= len(classnames):
-            raise ValueError(f"label {int(labels.max())} but only {len(classnames)} class names: wrong "
-                             f"classnames for these shards?")
-        residual = backbone.residual(images, layer)
-        x_all = select_tokens(residual, tokens)
-        fixed = None
-        if classnames:
-            zero = torch.zeros_like(x_all)
-            fixed = {"original": backbone.forward_from(residual, layer),
-                     "ablated": backbone.forward_from(replace_tokens(residual, tokens, zero), layer)}
-        for name, sae in saes.items():
-            st, recons = state[name], []
-            for start in range(0, take, per_chunk):
-                x = x_all[start : start + per_chunk].float()
-                acts = sae.encode(x)
-                x_hat = sae.decode(acts)
-                index = torch.arange(seen + start, seen + start + x.shape[0], device=device)
-                chunk_labels = labels[start : start + per_chunk]
-                st["stats"].update(acts, chunk_labels, index)
-                st["recon"].update(x, x_hat, acts)
-                if consumers[name]:
-                    chunk = TokenChunk(x, x_hat, acts, chunk_labels, index, batch_keys[start : start + per_chunk])
-                    for consumer in consumers[name].values():
-                        consumer.update(chunk)
-                recons.append(x_hat)
-            st["keys"].add(seen, batch_keys, st["stats"])
-            if st["contrastive"] is not None:
-                spliced = replace_tokens(residual, tokens, torch.cat(recons).to(residual.dtype))
-                st["contrastive"].update(dict(fixed, sae=backbone.forward_from(spliced, layer)), labels)
-        seen += take
-        bar.update(take)
-        if seen >= n_images:
-            break
-    bar.total = seen
-    bar.refresh()
-    bar.close()
-    if seen == 0:
-        raise RuntimeError("the evaluation shards yielded no image (every sample unreadable, or empty shards)")
-    results = {}
-    for name, st in state.items():
-        st["keys"].prune(st["stats"])
-        if st["contrastive"] is not None:
-            values, reason = st["contrastive"].compute_all(), st["contrastive"].undefined_reason()
-        else:
-            values, reason = ContrastiveAccumulator.undefined(), "no class names, so no prompts"
-        results[name] = StreamResult(stats=st["stats"].compute(), keys=st["keys"].keys,
-                                     reconstruction=st["recon"].compute(), contrastive=values,
-                                     contrastive_undefined_reason=reason, n_skipped=skipped,
-                                     extra={n: c.compute() for n, c in consumers[name].items()})
     return results
 
 
