@@ -300,7 +300,9 @@ class SAETrainingModule(LightningModule):
         density = self.window_density.compute()
         self.window_density.reset()
         self.density_ready = density
-        if self.hparams.resample_dead and self._last_batch is not None:
+        # not on the final step: the export would hold fresh features that never trained
+        final = self._trainer is not None and 0 < self.trainer.max_steps <= self.global_step
+        if self.hparams.resample_dead and self._last_batch is not None and not final:
             self.resample(density == 0)
         self.log_scalars({f"features/{k}": v for k, v in density_counts(density).items()})
 

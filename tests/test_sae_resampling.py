@@ -44,17 +44,52 @@ def test_module_resamples_features_dead_for_a_window(make):
         getattr(sae, "b_gate" if isinstance(sae, GatedSAE) else "b_enc")[forced] = -100.0
     module = SAETrainingModule(sae, lr=1e-3, lr_warmup_steps=1, ghost_grads=False, feature_sampling_window=10,
                                b_dec_init="mean", resample_dead=True)
+    snapshot = AtStep(10)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=12, max_epochs=-1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[snapshot])
+    trainer.fit(module, datamodule=ActivationsDataModule(x, sae_batch_size=64, buffer_size=256, seed=0))
+    # the window closed at step 10 with 0..7 dead: resampled to unit-norm inputs, biases zeroed, Adam reset
+    W_enc, W_dec, bias, exp_avg = snapshot.state
+    assert torch.allclose(W_dec[forced].norm(dim=-1), torch.ones(8), atol=1e-5)
+    assert (W_enc[:, forced].norm(dim=0) > 0).all()
+    assert torch.equal(bias[forced], torch.zeros(8))
+    assert torch.equal(exp_avg[:, forced], torch.zeros(16, 8)) and exp_avg[:, ~forced].abs().sum() > 0
+    assert (sae.encode_pre(x[:512])[:, forced] > 0).any()  # they can fire again (TopK: when among the top k)
+    if not isinstance(sae, TopKSAE):
+        assert (sae.encode(x[:512])[:, forced] > 0).any()
+
+
+class AtStep(L.Callback):
+    """The SAE's W_enc, W_dec, encoder (or gate) bias and W_enc's Adam exp_avg right after step `step`."""
+
+    def __init__(self, step: int):
+        self.step, self.state = step, None
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == self.step:
+            sae = pl_module.sae
+            bias = sae.b_gate if isinstance(sae, GatedSAE) else sae.b_enc
+            exp_avg = trainer.optimizers[0].state[sae.W_enc]["exp_avg"]
+            self.state = tuple(t.detach().clone() for t in (sae.W_enc, sae.W_dec, bias, exp_avg))
+
+
+def test_no_resampling_at_the_last_step():
+    """A window closing on the final step resamples nothing: the export keeps the trained dictionary rather
+    than freshly re-initialised features that never trained."""
+    torch.manual_seed(0)
+    planted = PlantedFeatures.create(d=16, n_features=24, active=2.0, seed=0)
+    x = planted.sample(4096, torch.Generator().manual_seed(1))
+    sae = SparseAutoencoder(16, 48, l1_coefficient=1e-3)
+    forced = torch.arange(48) < 8
+    with torch.no_grad():
+        sae.W_enc[:, forced] = 0.0
+        sae.b_enc[forced] = -100.0
+    module = SAETrainingModule(sae, lr=1e-3, lr_warmup_steps=1, ghost_grads=False, feature_sampling_window=10,
+                               b_dec_init="mean", resample_dead=True)
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=10, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule=ActivationsDataModule(x, sae_batch_size=64, buffer_size=256, seed=0))
-    # the window closed at step 10 with 0..7 dead: resampled to unit-norm inputs, biases zeroed, Adam reset
-    assert torch.allclose(sae.W_dec[forced].norm(dim=-1), torch.ones(8), atol=1e-5)
-    assert (sae.W_enc[:, forced].norm(dim=0) > 0).all()
-    bias = sae.b_gate if isinstance(sae, GatedSAE) else sae.b_enc
-    assert torch.equal(bias[forced], torch.zeros(8))
-    state = trainer.optimizers[0].state[sae.W_enc]
-    assert torch.equal(state["exp_avg"][:, forced], torch.zeros(16, 8)) and state["exp_avg"][:, ~forced].abs().sum() > 0
-    assert (sae.encode_pre(x[:512])[:, forced] > 0).any()  # they can fire again (TopK: when among the top k)
-    if not isinstance(sae, TopKSAE):
-        assert (sae.encode(x[:512])[:, forced] > 0).any()
+    assert torch.equal(sae.W_enc[:, forced], torch.zeros(16, 8))  # still dead: not resampled at step 10
+    assert torch.equal(sae.b_enc[forced], torch.full((8,), -100.0))
