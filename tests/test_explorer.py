@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +19,12 @@ from torch.nn.functional import normalize
 from sae_lightning.backbone import select_tokens
 from sae_lightning.data.shards import expand_shards, image_batches
 from sae_lightning.explorer import __main__ as launcher
-from sae_lightning.explorer.browser import LOADED_IMAGES, SETTLED, Chromium, find_chromium
+from sae_lightning.explorer.browser import LOADED_IMAGES, SETTLED
 from sae_lightning.explorer.bundle import ActivationHistogram, mlp_cosines, nearest_features, write_explorer_bundle
 from sae_lightning.explorer.game import candidate_sets, game_metric, machine_pick, play
 from sae_lightning.explorer.store import HIST_BINS, Bundle, ThumbnailStore, hist_edges
 from sae_lightning.sae import SparseAutoencoder
+from tests.helpers import served_explorer
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "sae_lightning" / "explorer" / "app.py"
@@ -407,30 +404,9 @@ def test_inspect_page_loads_the_named_sae_of_a_run_with_several(explored, demo_r
 
 @pytest.mark.slow
 def test_served_app_in_headless_chromium(explored, demo_run):
-    binary = find_chromium()
-    if binary is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
     shots = ROOT / "outputs" / "explorer_screenshots"
     shots.mkdir(parents=True, exist_ok=True)
-    server = subprocess.Popen([sys.executable, "-m", "sae_lightning.explorer", f"run={demo_run}",
-                               f"eval_dir={explored}", f"port={port}"], cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, env=dict(os.environ), start_new_session=True)
-    browser = None
-    try:
-        url = f"http://localhost:{port}"
-        end = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > end or server.poll() is not None:
-                    raise AssertionError("the app did not start") from None
-                time.sleep(0.3)
-        browser = Chromium(binary)
+    with served_explorer([f"run={demo_run}", f"eval_dir={explored}"]) as (url, browser):
         b = Bundle(explored)
 
         browser.goto(f"{url}/?page=overview")
@@ -479,11 +455,6 @@ def test_served_app_in_headless_chromium(explored, demo_run):
         browser.wait_for(f"{LOADED_IMAGES} >= 2")  # the upload and the top images of its features
         browser.wait_for(SETTLED)
         browser.screenshot(shots / "inspect.png")
-    finally:
-        if browser is not None:
-            browser.close()
-        os.killpg(server.pid, 15)
-        server.wait(10)
     for name in ("overview", "navigator", "feature", "game", "inspect"):
         with PIL.Image.open(shots / f"{name}.png") as im:
             assert im.format == "PNG" and im.size[0] > 600

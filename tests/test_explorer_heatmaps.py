@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +24,11 @@ from safetensors.torch import save_file
 
 from sae_lightning.backbone import load_tiny_backbone, select_tokens
 from sae_lightning.explorer import heatmap
-from sae_lightning.explorer.browser import LOADED_IMAGES, SETTLED, Chromium, find_chromium
+from sae_lightning.explorer.browser import LOADED_IMAGES, SETTLED
 from sae_lightning.explorer.bundle import TopImageHeatmaps, write_explorer_bundle
 from sae_lightning.explorer.store import GRID_SIZE, Bundle
 from sae_lightning.sae import SparseAutoencoder
+from tests.helpers import served_explorer
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = ROOT / "sae_lightning" / "explorer" / "app.py"
@@ -237,30 +234,9 @@ def test_served_feature_page_heatmaps_in_headless_chromium(square_bundle):
     ev, tokens = square_bundle
     if tokens != "patches":
         pytest.skip("the browser part needs one patch-token bundle; both are checked by the tests above")
-    binary = find_chromium()
-    if binary is None:
-        pytest.skip("chromium is not installed (apt-get install chromium)")
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
     shots = ROOT / "outputs" / "explorer_screenshots"
     shots.mkdir(parents=True, exist_ok=True)
-    server = subprocess.Popen([sys.executable, "-m", "sae_lightning.explorer", f"eval_dir={ev}", f"port={port}"],
-                              cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
-                              start_new_session=True)
-    browser = None
-    try:
-        url = f"http://localhost:{port}"
-        end = time.time() + 60
-        while True:
-            try:
-                urllib.request.urlopen(url + "/_stcore/health", timeout=2)
-                break
-            except OSError:
-                if time.time() > end or server.poll() is not None:
-                    raise AssertionError("the app did not start") from None
-                time.sleep(0.3)
-        browser = Chromium(binary)
+    with served_explorer([f"eval_dir={ev}"]) as (url, browser):
         browser.goto(f"{url}/?page=feature&feature=0")
         browser.wait_for("[...document.querySelectorAll('h1')].some(h => h.innerText.trim() === 'Feature 0')")
         browser.wait_for("document.body.innerText.includes('4x4 patches')")
@@ -275,11 +251,6 @@ def test_served_feature_page_heatmaps_in_headless_chromium(square_bundle):
         browser.wait_for(f"{LOADED_IMAGES} >= {n} && ({SETTLED})")
         browser.wait_for(f"JSON.stringify({grid}.slice(0, {n}).map(i => i.src)) !== {json.dumps(with_heat)}")
         browser.screenshot(shots / f"feature_heatmaps_off_{tokens}.png")
-    finally:
-        if browser is not None:
-            browser.close()
-        os.killpg(server.pid, 15)
-        server.wait(10)
 
 
 @pytest.mark.slow
