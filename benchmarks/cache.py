@@ -34,6 +34,13 @@ from sae_lightning.sae import SparseAutoencoder
 BATCH, EXPANSION, LAYER, WARMUP = 256, 8, -2, 5
 
 
+def tiny_world(work: Path, n_images: int) -> tuple[Path, object, list[str]]:
+    """The tiny ViT (written to work/, loaded like real weights), and n_images generated 32 px images in 8 shards."""
+    tiny = work / "sae-tiny-vit.pt"
+    backbone = load_tiny_backbone(tiny)
+    return tiny, backbone, write_demo_shards(work / "shards", n_images, image_size=32, shard_size=n_images // 8)
+
+
 def write_cache(tiny: Path, shards: list[str], tokens: str, directory: Path) -> float:
     """Write the cache with cache.py's writer; returns images per second of that one pass."""
     cfg = OmegaConf.create({
@@ -69,9 +76,7 @@ def run(quick: bool = False, repeats: int = 2) -> Section:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tiny = work / "sae-tiny-vit.pt"
-        backbone = load_tiny_backbone(tiny)
-        shards = write_demo_shards(work / "shards", n_images, image_size=32, shard_size=n_images // 8)
+        tiny, backbone, shards = tiny_world(work, n_images)
         for tokens in ("cls", "all"):
             directory = work / f"cache-{tokens}"
             cache_images = write_cache(tiny, shards, tokens, directory)

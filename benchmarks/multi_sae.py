@@ -22,13 +22,11 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from benchmarks.cache import write_cache
+from benchmarks.cache import tiny_world, write_cache
 from benchmarks.report import Section, table
 from benchmarks.timing import Mark, StepClock
-from sae_lightning.backbone import load_tiny_backbone
 from sae_lightning.data.cache import CacheDataModule
 from sae_lightning.data.datamodule import ImageActivationDataModule
-from sae_lightning.data.synthetic import write_demo_shards
 from sae_lightning.module import MultiSAETrainingModule, SAETrainingModule
 from sae_lightning.sae import SparseAutoencoder
 
@@ -75,9 +73,7 @@ def run(quick: bool = False, repeats: int = 2) -> Section:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tiny = work / "sae-tiny-vit.pt"
-        backbone = load_tiny_backbone(tiny)
-        shards = write_demo_shards(work / "shards", n_images, image_size=32, shard_size=n_images // 8)
+        tiny, backbone, shards = tiny_world(work, n_images)
         for tokens in ("cls", "all"):
             directory = work / f"cache-{tokens}"
             write_cache(tiny, shards, tokens, directory)
