@@ -18,6 +18,7 @@ import logging
 import math
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 B_DEC_INITS = ("geometric_median", "mean", "none")
 NORMALISATIONS = ("none", "expected_average_only_in")
+RESAMPLE_RNG_KEY = "sae_lightning_resample_rng"  # checkpoint entry: the resampling generator's state
+RESAMPLE_RNG_VERSION = 1
+RESAMPLE_SEED_TAG = 0x5E5A  # mixed with the run seed: resampling's stream is not the run's global one
 RESUME_ADVICE = ("The last checkpoint holds the state before this happened: lower lr (or l1_coefficient) and "
                  "resume with ckpt_path=<run>/checkpoints/last.ckpt.")
 
@@ -57,6 +61,10 @@ class SAETrainingModule(LightningModule):
     `resample_dead`: at the end of every density window, re-initialise the features that never fired in it
     (Anthropic-style resampling, `functional.resample_dead_features`, on the latest batch), resetting their
     per-feature biases and Adam moments. An option beside ghost grads / AuxK, off by default.
+    `resample_seed`: the seed of this SAE's own resampling generator; None (the default) derives it from the
+    run's `seed` (train.py's `run_config["seed"]`; 0 without one), so an SAE of a multi-SAE run
+    resamples exactly as its single run does. The generator's state is saved in checkpoints
+    (`sae_lightning_resample_rng`), so a resumed run draws what the uninterrupted one would.
     """
 
     def __init__(self, sae: SparseAutoencoder, lr: float = 4e-4, lr_warmup_steps: int = 500,
@@ -64,7 +72,7 @@ class SAETrainingModule(LightningModule):
                  dead_feature_window: int = 64, feature_sampling_window: int = 500,
                  b_dec_init: str = "geometric_median", normalize_activations: str = "none",
                  divergence_explained_variance: float = -1000.0, compile: bool = False,
-                 resample_dead: bool = False):
+                 resample_dead: bool = False, resample_seed: int | None = None):
         super().__init__()
         if b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {b_dec_init!r}")
@@ -96,6 +104,11 @@ class SAETrainingModule(LightningModule):
         self.bound_optimizer: tuple[Any, Any] | None = None
         self.sae_loggers: list | None = None
         self.metric_sink: Any = None
+        # resampling's own random stream (never the global one, which other SAEs of the run also draw from):
+        # created on first use on the SAE's device, seeded by `resampling_seed()` or restored from a checkpoint
+        self._resample_generator: torch.Generator | None = None
+        self._resample_rng_loaded: dict[str, Any] | None = None
+        self.run_seed: int | None = None  # a member of a multi-SAE run: the run's seed (its own run_config is None)
 
     def configure_optimizers(self) -> dict[str, Any]:
         # fused: one kernel per step, and it honours `found_inf` on the device (a skipped step changes nothing)
@@ -280,6 +293,49 @@ class SAETrainingModule(LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["sae_lightning_config"] = self.run_config
+        if self.hparams.resample_dead:
+            checkpoint[RESAMPLE_RNG_KEY] = self.resample_rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.load_resample_rng_state(checkpoint.get(RESAMPLE_RNG_KEY))
+
+    def resampling_seed(self) -> int:
+        """The seed of this SAE's resampling generator: `resample_seed`, else one derived from the run's seed."""
+        if self.hparams.get("resample_seed") is not None:
+            return int(self.hparams.resample_seed)
+        run_seed = self.run_seed if self.run_seed is not None else (self.run_config or {}).get("seed")
+        # a fixed tag: the run seed's own stream (initialisation, data order) is not reused for resampling
+        return int(np.random.SeedSequence([int(run_seed or 0), RESAMPLE_SEED_TAG]).generate_state(1)[0])
+
+    def resample_generator(self) -> torch.Generator:
+        """This SAE's resampling generator, on the SAE's device (restored from a checkpoint where it was saved)."""
+        device = self.sae.W_dec.device
+        if self._resample_generator is None or self._resample_generator.device != device:
+            generator = torch.Generator(device=device)
+            loaded = self._resample_rng_loaded
+            if loaded is not None and loaded.get("device") == device.type:
+                generator.set_state(loaded["state"])
+            else:
+                if loaded is not None:
+                    log.warning("The checkpoint's resampling generator state is for %s, this run trains on %s: "
+                                "resampling restarts from its seed (not an exact resume).", loaded.get("device"),
+                                device.type)
+                generator.manual_seed(self.resampling_seed())
+            self._resample_generator, self._resample_rng_loaded = generator, None
+        return self._resample_generator
+
+    def resample_rng_state(self) -> dict[str, Any]:
+        """What a checkpoint stores of the resampling generator (docs/training.md, "Checkpoints")."""
+        generator = self.resample_generator()
+        return {"version": RESAMPLE_RNG_VERSION, "device": generator.device.type, "state": generator.get_state()}
+
+    def load_resample_rng_state(self, state: dict[str, Any] | None) -> None:
+        """Restore the generator on first use; None (a checkpoint from before it was saved): from its seed."""
+        self._resample_generator = None
+        if state is not None and state.get("version") != RESAMPLE_RNG_VERSION:
+            raise ValueError(f"checkpoint resampling generator version {state.get('version')!r} is not "
+                             f"{RESAMPLE_RNG_VERSION}: written by another version of sae_lightning.")
+        self._resample_rng_loaded = state
 
     def export_sae(self, directory, step: int | None = None) -> None:
         """Save the SAE for raw (unscaled) activations: a training-time scale s is folded into the weights.
@@ -314,7 +370,8 @@ class SAETrainingModule(LightningModule):
         """Re-initialise the features in `dead` [F] from the latest batch; zero their biases and Adam moments."""
         sae, x = self.sae, self._last_batch
         dead = self._from_rank_zero(dead.to(torch.uint8)).bool()
-        F_sae.resample_dead_features(x, sae(x), sae.b_dec, sae.W_enc, sae.W_dec, dead)
+        F_sae.resample_dead_features(x, sae(x), sae.b_dec, sae.W_enc, sae.W_dec, dead,
+                                     generator=self.resample_generator())
         self._from_rank_zero_params(("W_enc", "W_dec"))
         for name in self.RESAMPLED_BIASES:
             if isinstance(getattr(sae, name, None), torch.Tensor):
@@ -440,6 +497,8 @@ class MultiSAETrainingModule(LightningModule):
     def setup(self, stage: str) -> None:
         for _, member in self.members():  # Lightning hands the trainer to direct children only
             member.trainer = self.trainer
+            if self.run_config is not None:  # the run seed that its resampling generator derives from
+                member.run_seed = self.run_config.get("seed")
 
     def configure_optimizers(self) -> tuple[list, list]:
         optimizers, schedulers = [], []
@@ -573,10 +632,16 @@ class MultiSAETrainingModule(LightningModule):
         if self.run_config is not None:
             checkpoint["sae_lightning_config"] = self.run_config
         checkpoint["sae_lightning_stopped"] = dict(self.stopped_info)
+        generators = {name: m.resample_rng_state() for name, m in self.members() if m.hparams.resample_dead}
+        if generators:  # each member's own resampling generator, by name
+            checkpoint[RESAMPLE_RNG_KEY] = generators
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.stopped_info = dict(checkpoint.get("sae_lightning_stopped") or {})
         self._stopped_host = None
+        generators = checkpoint.get(RESAMPLE_RNG_KEY) or {}
+        for name, member in self.members():
+            member.load_resample_rng_state(generators.get(name))
 
     def export_sae(self, directory, step: int | None = None) -> None:
         """Every running member to `<directory>/<name>/` (SAELens layout) with its `resolved.yaml`."""

@@ -431,3 +431,86 @@ def test_from_the_cache_an_interrupted_multi_run_resumes_to_the_same_saes(tmp_pa
     alone = final_state(tmp_path / "alone")
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(reference[f"saes.l1.sae.{name}"], alone[f"sae.{name}"], atol=1e-5, rtol=0)
+
+
+def dead_at_windows(run: Path, name: str | None) -> list[float]:
+    """The SAE's dead-feature counts at each closed density window, from its TensorBoard run."""
+    folder = run / "tensorboard" / run.name / (name or "")
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [e.value for e in events.Scalars("features/dead_features")]
+
+
+class DeadFromStart(Callback):
+    """Features 0..n-1 of SAE `name` (None: the run's one SAE) can never fire from each step in `steps` on (zero
+    encoder columns, encoder bias -100), so the next density window closes with them dead and resamples them."""
+
+    def __init__(self, n: int, name: str | None = None, steps: tuple[int, ...] = (0,)):
+        self.n, self.name, self.steps = n, name, tuple(steps)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            sae = (pl_module.saes[self.name] if self.name else pl_module).sae
+            with torch.no_grad():
+                sae.W_enc[:, :self.n] = 0.0
+                sae.b_enc[:self.n] = -100.0
+
+
+RESAMPLE = ("module.resample_dead=true", "module.ghost_grads=false", "schedule.feature_sampling_window=320")
+
+
+@pytest.mark.slow
+def test_with_resampling_each_sae_still_equals_its_single_run(tmp_path):
+    """Resampling draws from each SAE's own generator (seeded from the run seed), not from one stream shared by
+    the run's SAEs: b beside a resamples exactly as b alone (before the fix, a's draws came first and changed b's)."""
+    kill = ("+callbacks.kill._target_=tests.test_multi_sae.DeadFromStart", "+callbacks.kill.n=12")
+    together = train_cfg(planted(tmp_path / "multi", TWO, *RESAMPLE, *kill, "+callbacks.kill.name=b"))
+    alone = train_cfg(planted(tmp_path / "single", "l1_coefficient=1.0e-3", "lr=1.0e-3", "expansion=3", *RESAMPLE,
+                              *kill))
+    dead = dead_at_windows(together, "b")
+    assert dead[0] == 12 and dead == dead_at_windows(alone, None)  # the first window resampled 12 features
+    b, single = SparseAutoencoder.load(together / "sae" / "b"), SparseAutoencoder.load(alone / "sae")
+    for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+        torch.testing.assert_close(getattr(b, key), getattr(single, key), rtol=0, atol=1e-5, msg=key)
+    ckpt = torch.load(together / "checkpoints" / "last.ckpt", weights_only=True)
+    generators = ckpt["sae_lightning_resample_rng"]
+    assert set(generators) == {"a", "b"} and generators["b"]["version"] == 1
+    assert torch.equal(generators["b"]["state"],
+                       torch.load(alone / "checkpoints" / "last.ckpt", weights_only=True)[
+                           "sae_lightning_resample_rng"]["state"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("multi", [False, True])
+def test_with_resampling_an_interrupted_run_resumes_to_the_same_saes(tmp_path, written_cache, multi):
+    """data=cache (exact resume position), resampling every 5 steps with features killed at steps 0 and 10:
+    24 steps straight vs stopped by SIGTERM at step 9 and resumed give the same SAEs to 1e-5 (before the fix,
+    the resumed run's resampling drew from a reseeded global stream: the window at step 15 differed)."""
+    from sae_lightning.training import train
+    from tests.test_cache import final_state, train_config
+
+    extra = ["module.resample_dead=true", "module.ghost_grads=false", "schedule.feature_sampling_window=240",
+             "+callbacks.kill._target_=tests.test_multi_sae.DeadFromStart", "+callbacks.kill.n=12",
+             "+callbacks.kill.steps=[0,10]"]
+    if multi:
+        extra += ["+saes.relu={}", "+saes.l1={l1_coefficient:1.0e-2,lr:2.0e-3}", "+callbacks.kill.name=l1"]
+    train(train_config(tmp_path / "straight", written_cache, extra))
+    reference = final_state(tmp_path / "straight")
+    name = "l1" if multi else None
+    assert dead_at_windows(tmp_path / "straight", name)[:3:2] == [12.0, 12.0]  # resampled at steps 5 and 15
+    stopped = tmp_path / "stopped"
+    with pytest.raises(SystemExit):
+        train(train_config(stopped, written_cache, [*extra, "+callbacks.stop._target_=tests.helpers.SignalAtStep",
+                                                    "+callbacks.stop.step=9"]))
+    assert torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10
+    train(train_config(stopped, written_cache, [*extra, "ckpt_path=last"]))
+    state = final_state(stopped)
+    assert state.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, atol=1e-5, rtol=0, msg=key)
+    generators = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["sae_lightning_resample_rng"]
+                  for run in (tmp_path / "straight", stopped)]
+    if multi:
+        assert set(generators[0]) == {"relu", "l1"}
+        generators = [g["l1"] for g in generators]
+    assert torch.equal(generators[0]["state"], generators[1]["state"])

@@ -93,3 +93,32 @@ def test_no_resampling_at_the_last_step():
     trainer.fit(module, datamodule=ActivationsDataModule(x, sae_batch_size=64, buffer_size=256, seed=0))
     assert torch.equal(sae.W_enc[:, forced], torch.zeros(16, 8))  # still dead: not resampled at step 10
     assert torch.equal(sae.b_enc[forced], torch.full((8,), -100.0))
+
+
+def test_resampling_generator_is_the_saes_own_and_old_checkpoints_still_load():
+    """Each SAE draws from its own generator, seeded from the run seed (or `resample_seed`), never from the
+    global stream; a checkpoint written before the generator was saved loads and starts it from its seed."""
+    def module(**kwargs):
+        return SAETrainingModule(SparseAutoencoder(4, 8), resample_dead=True, **kwargs)
+
+    a, b = module(), module()
+    a.run_config, b.run_seed = {"seed": 42}, 42  # a single run's config; a member of a multi-SAE run
+    torch.manual_seed(0)
+    first = torch.randint(0, 1 << 30, (4,), generator=a.resample_generator())
+    torch.manual_seed(1)  # the global stream does not matter
+    assert torch.equal(first, torch.randint(0, 1 << 30, (4,), generator=b.resample_generator()))
+    other = module()
+    other.run_config = {"seed": 43}
+    assert other.resampling_seed() != a.resampling_seed() and module(resample_seed=7).resampling_seed() == 7
+    saved = {}
+    a.on_save_checkpoint(saved)
+    after = torch.randint(0, 1 << 30, (4,), generator=a.resample_generator())
+    restored = module()
+    restored.on_load_checkpoint(saved)
+    assert torch.equal(torch.randint(0, 1 << 30, (4,), generator=restored.resample_generator()), after)
+    old = module()
+    old.run_config = {"seed": 42}
+    old.on_load_checkpoint({"state_dict": {}})  # no "sae_lightning_resample_rng": from the seed
+    assert torch.equal(torch.randint(0, 1 << 30, (4,), generator=old.resample_generator()), first)
+    with pytest.raises(ValueError, match="resampling generator version 9"):
+        old.on_load_checkpoint({"sae_lightning_resample_rng": {"version": 9}})
