@@ -80,10 +80,12 @@ def run_architectures(quick: bool = False, only: str | None = None, changes: dic
         _, scores = train_planted(planted_run, out / name)
         elapsed = time.perf_counter() - start
         reproduced &= score_exported(out / name) == scores
-        knobs = ", ".join(f"{k}={v}" for k, v in (planted_run.sae_kwargs or {}).items()) or \
+        knob_text = ", ".join(f"{k}={v}" for k, v in (planted_run.sae_kwargs or {}).items()) or \
             f"l1={planted_run.l1_coefficient:g}"
         mmcs_down = math.floor(scores["mmcs"] * 1e4) / 1e4
-        rows.append([name.split("/")[0], planted_run.sae, knobs, f"{mmcs_down:.4f}",
+        if planted_run.accelerator != "cpu":
+            knob_text += f" [{planted_run.accelerator}]"
+        rows.append([name.split("/")[0], planted_run.sae, knob_text, f"{mmcs_down:.4f}",
                      f"{100 * scores['recovered_0.9']:.1f}%", f"{scores['l0']:.1f}",
                      f"{scores['explained_variance']:.3f}", f"{100 * scores['dead_fraction']:.1f}%",
                      f"{planted_run.steps * planted_run.sae_batch_size / elapsed:,.0f}", f"{elapsed:.0f}"])
@@ -171,12 +173,15 @@ if __name__ == "__main__":
     parser.add_argument("--knob", action="append", default=[], metavar="KNOB=VALUE",
                         help="change an architecture knob (sae_kwargs) in every run (a sweep; needs --tag)")
     parser.add_argument("--tag", default="", help="write to outputs/benchmarks/planted/arch-<tag>/")
+    parser.add_argument("--device", default="cpu", help="Lightning accelerator that trains (cpu, gpu); the data, "
+                                                         "its order and the scoring are the same (needs --tag)")
     args = parser.parse_args()
-    if (args.set or args.knob) and not args.tag:
-        parser.error("--set/--knob change the runs: give --tag so the table's exports are not overwritten")
+    if (args.set or args.knob or args.device != "cpu") and not args.tag:
+        parser.error("--set/--knob/--device change the runs: give --tag so the table's exports are not overwritten")
 
     def parse(items: list[str]) -> dict:
         return {k: json.loads(v) for k, v in (item.split("=", 1) for item in items)}
 
+    changes = parse(args.set) | ({"accelerator": args.device} if args.device != "cpu" else {})
     print(" | ".join(ARCH_HEADER))
-    run_architectures(args.quick, args.only, parse(args.set), parse(args.knob), args.tag)
+    run_architectures(args.quick, args.only, changes, parse(args.knob), args.tag)

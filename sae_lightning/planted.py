@@ -186,6 +186,7 @@ class PlantedRun:
     seed: int = 0
     sae: str = "standard"  # a key of sae_lightning.sae.TRAINING_ARCHITECTURES
     sae_kwargs: dict | None = None  # that architecture's knobs (k, l0_coefficient, ...), e.g. {"k": 8}
+    accelerator: str = "cpu"  # Lightning's accelerator ("cpu", "gpu"); the data and the scoring stay on the CPU
 
     def generator(self) -> PlantedFeatures:
         return PlantedFeatures.create(self.d, self.n_features, self.active, self.frequency_ratio, self.variant,
@@ -204,7 +205,7 @@ class PlantedRun:
 
 
 def train_planted(run: PlantedRun, out_dir: str | Path | None = None) -> tuple[SparseAutoencoder, dict[str, float]]:
-    """Train an SAE on planted features through the real Lightning stack (CPU) and score it.
+    """Train an SAE on planted features through the real Lightning stack (`run.accelerator`) and score it.
 
     With `out_dir`, writes `sae/` (SAELens layout), `planted.safetensors` (the generator and its true
     directions) and `scores.json`, so `score_exported(out_dir)` reproduces the scores independently.
@@ -219,12 +220,12 @@ def train_planted(run: PlantedRun, out_dir: str | Path | None = None) -> tuple[S
                                b_dec_init=run.b_dec_init, resample_dead=run.resample_dead)
     datamodule = ActivationsDataModule(train_x, sae_batch_size=run.sae_batch_size, buffer_size=run.buffer_size,
                                        seed=run.seed)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=run.steps, max_epochs=-1, logger=False,
+    trainer = L.Trainer(accelerator=run.accelerator, devices=1, max_steps=run.steps, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0)
     trainer.fit(module, datamodule=datamodule)
     held_out = eval_metadata(run.seed, run.n_eval)
-    sae.eval()
+    sae.cpu().eval()  # scored and exported from the CPU, whichever accelerator trained it
     if out_dir is None:
         return sae, score(sae, planted, eval_data(planted, held_out))
     out = Path(out_dir)

@@ -30,8 +30,11 @@ EPS = 1e-6  # docs/training.md: both the ghost-grad scale and the ghost rescale 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def reference_losses(x, W_enc, b_enc, W_dec, b_dec, dead_mask, l1_coefficient, normalised=True):
-    """(total, mse, l1, ghost) straight from docs/training.md, one sample and one feature at a time."""
+def reference_losses(x, W_enc, b_enc, W_dec, b_dec, dead_mask, l1_coefficient, normalised=True,
+                     decoder_weighted=False):
+    """(total, mse, l1, ghost) straight from docs/training.md, one sample and one feature at a time.
+
+    `decoder_weighted`: the L1 of free decoder norms, sum_i |f_i| * ||W_dec[i]||."""
     n, d = x.shape
     n_features = W_enc.shape[1]
     dead_idx = [i for i in range(n_features) if dead_mask is not None and bool(dead_mask[i])]
@@ -49,7 +52,11 @@ def reference_losses(x, W_enc, b_enc, W_dec, b_dec, dead_mask, l1_coefficient, n
         if normalised:
             err2 = err2 / torch.sqrt((x[b] ** 2).sum())  # the un-squared per-sample norm
         mse_sum = mse_sum + err2.sum()
-        l1_sum = l1_sum + f.abs().sum()
+        if decoder_weighted:
+            for i in range(n_features):
+                l1_sum = l1_sum + f[i].abs() * torch.sqrt((W_dec[i] ** 2).sum())
+        else:
+            l1_sum = l1_sum + f.abs().sum()
         if dead_idx:
             r = (x[b] - x_hat).detach()
             r_norm = torch.sqrt((r**2).sum())
@@ -206,6 +213,38 @@ def test_l1_is_mean_over_batch_of_summed_abs_features(batch):
     f = out.feature_acts.detach()
     per_sample = [sum(abs(float(v)) for v in f[b]) for b in range(f.shape[0])]
     assert out.l1.item() == pytest.approx(sum(per_sample) / len(per_sample), rel=1e-12)
+
+
+def test_free_decoder_norms_weight_the_l1_by_each_rows_norm(batch):
+    """decoder_norm="free": l1 = mean_b sum_i |f_bi| ||W_dec[i]||, values and gradients (W_dec's included)."""
+    sae = make_sae()
+    sae.decoder_norm = "free"
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.2, 3.0, 10, dtype=DT)[:, None])  # norms far from 1
+    dead = dead_mask_for()
+    out = sae.loss(batch, dead_mask=dead)
+    leaves = leaf_copies(sae)
+    total, mse, l1, ghost = reference_losses(batch, *(leaves[k] for k in PARAMS), dead, sae.l1_coefficient,
+                                             decoder_weighted=True)
+    plain_l1 = out.feature_acts.detach().abs().sum(-1).mean()
+    assert abs(out.l1.item() - plain_l1.item()) > 0.1 * plain_l1.item(), "control: the weighting changes the l1"
+    for name, got, want in (("l1", out.l1, l1), ("total", out.total, total)):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=1e-14, msg=lambda m, n=name: f"{n}: {m}")
+    assert_grads_close(impl_grads(sae, out.total), ref_grads(leaves, total), "total (free decoder norms)")
+
+
+def test_decoder_norm_is_checked_and_kept_by_save_and_load(tmp_path):
+    with pytest.raises(ValueError, match="decoder_norm must be one of"):
+        SparseAutoencoder(4, 8, decoder_norm="learned")
+    unit = SparseAutoencoder(4, 8)
+    assert unit.unit_decoder_rows and "decoder_norm" not in unit.config()  # the seed's export is unchanged
+    free = SparseAutoencoder(4, 8, decoder_norm="free")
+    with torch.no_grad():
+        free.W_dec.mul_(2.5)
+    free.save(tmp_path / "sae")
+    loaded = SparseAutoencoder.load(tmp_path / "sae")
+    assert loaded.decoder_norm == "free" and not loaded.unit_decoder_rows
+    torch.testing.assert_close(loaded.W_dec.norm(dim=-1), torch.full((8,), 2.5), rtol=1e-6, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------------------

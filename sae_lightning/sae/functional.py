@@ -56,6 +56,13 @@ def ghost_grad_loss(x: torch.Tensor, x_hat: torch.Tensor, hidden_pre: torch.Tens
     return ghost_elem.mean() * dead_mask.any()
 
 
+def decoder_weighted_l1(feature_acts: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """mean_n sum_i |f_ni| ||W_dec[i]||: the L1 penalty with free decoder norms (Anthropic, April 2024; SAELens's
+    standard SAE). feature_acts [N, F], W_dec [F, d]; a scalar. Equals the plain L1 when every row has unit norm.
+    """
+    return (feature_acts.abs() * W_dec.norm(dim=-1)).sum(-1).mean()
+
+
 @torch.no_grad()
 def normalise_decoder_rows(W_dec: torch.Tensor) -> None:
     """Rescale each decoder row (one feature's direction) to unit norm, in place."""

@@ -38,22 +38,35 @@ class SAEOutput:
     hidden_pre: torch.Tensor
 
 
+DECODER_NORMS = ("unit", "free")
+
+
 class SparseAutoencoder(nn.Module):
     """f = ReLU((x - b_dec) W_enc + b_enc), x_hat = f W_dec + b_dec (SAELens's "standard" layout)."""
 
     architecture = "standard"  # the name cfg.json's `architecture` gets (SAELens's)
 
     def __init__(self, d_in: int, d_sae: int, *, l1_coefficient: float = 8e-5, mse: str = "normalised",
-                 tied_init: bool = False, metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
+                 tied_init: bool = False, decoder_norm: str = "unit", metadata: dict[str, Any] | None = None,
+                 dtype: torch.dtype = torch.float32):
         """`tied_init`: start the encoder as the decoder's transpose, W_enc = W_dec^T (unit-norm columns;
         Anthropic's April 2024 update, SAELens's default) instead of the seed's independent Kaiming-uniform
-        encoder. Only the start differs; nothing is tied during training."""
+        encoder. Only the start differs; nothing is tied during training.
+
+        `decoder_norm`: "unit" (the seed's: the training module renormalises every decoder row to norm 1
+        before each step and removes the gradient parallel to it; the L1 is sum_i |f_i|) or "free"
+        (Anthropic's April 2024 update, SAELens's standard SAE: the rows' norms are trained and the L1 is
+        sum_i |f_i| ||W_dec[i]||, so shrinking f while growing the row buys nothing). Only the standard SAE
+        takes it; the other architectures keep unit rows."""
         super().__init__()
         if mse not in ("normalised", "plain"):
             raise ValueError(f"mse must be 'normalised' or 'plain', got {mse!r}")
+        if decoder_norm not in DECODER_NORMS:
+            raise ValueError(f"decoder_norm must be one of {DECODER_NORMS}, got {decoder_norm!r}")
         self.d_in, self.d_sae = d_in, d_sae
         self.l1_coefficient = l1_coefficient
         self.mse_kind = mse
+        self.decoder_norm = decoder_norm
         self.metadata = dict(metadata or {})
         self.W_enc = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(d_in, d_sae, dtype=dtype)))
         self.W_dec = nn.Parameter(nn.init.kaiming_uniform_(torch.empty(d_sae, d_in, dtype=dtype)))
@@ -79,15 +92,24 @@ class SparseAutoencoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
+    @property
+    def unit_decoder_rows(self) -> bool:
+        """Whether training keeps every decoder row at unit norm (the module renormalises and projects)."""
+        return self.decoder_norm == "unit"
+
     def loss(self, x: torch.Tensor, dead_mask: torch.Tensor | None = None) -> SAEOutput:
-        """mse + l1_coefficient * mean_b sum_i |f_bi| + ghost (ghost only for dead features, else 0)."""
+        """mse + l1_coefficient * mean_b sum_i |f_bi| (times ||W_dec[i]|| with free decoder norms) + ghost (ghost
+        only for dead features, else 0)."""
         x = x.to(self.W_enc.dtype)
         hidden_pre = self.encode_pre(x)
         feature_acts = torch.relu(hidden_pre)
         x_hat = self.decode(feature_acts)
         mse_elem = F_sae.mse_elementwise(x_hat, x, normalised=self.mse_kind == "normalised")
         mse = mse_elem.mean()
-        l1 = feature_acts.abs().sum(-1).mean()
+        if self.unit_decoder_rows:
+            l1 = feature_acts.abs().sum(-1).mean()
+        else:
+            l1 = F_sae.decoder_weighted_l1(feature_acts, self.W_dec)
         if dead_mask is not None:  # dense: no host read of how many features are dead
             ghost = F_sae.ghost_grad_loss(x, x_hat, hidden_pre, self.W_dec, dead_mask, mse_elem)
         else:
@@ -97,7 +119,10 @@ class SparseAutoencoder(nn.Module):
 
     def config_fields(self) -> dict[str, Any]:
         """The architecture's own top-level cfg.json fields (its knobs)."""
-        return {"l1_coefficient": self.l1_coefficient, "mse": self.mse_kind}
+        fields = {"l1_coefficient": self.l1_coefficient, "mse": self.mse_kind}
+        if not self.unit_decoder_rows:  # written only when free: the seed's exports stay as they were
+            fields["decoder_norm"] = self.decoder_norm
+        return fields
 
     def export_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors written to sae_weights.safetensors, by SAELens name (io.TENSOR_SHAPES[architecture])."""
@@ -107,7 +132,8 @@ class SparseAutoencoder(nn.Module):
     def from_config(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "SparseAutoencoder":
         """The SAE a cfg.json and its tensors (io.read_sae) describe."""
         sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), l1_coefficient=float(cfg.get("l1_coefficient", 0.0)),
-                  mse=cfg.get("mse", "normalised"), metadata=cfg.get("metadata", {}), dtype=tensors["W_enc"].dtype)
+                  mse=cfg.get("mse", "normalised"), decoder_norm=cfg.get("decoder_norm", "unit"),
+                  metadata=cfg.get("metadata", {}), dtype=tensors["W_enc"].dtype)
         sae.load_state_dict(tensors)
         return sae
 
