@@ -14,7 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from sae_lightning.config import register_resolvers
-from sae_lightning.data.cache_write import CacheWriter
+from sae_lightning.data.cache_write import CacheWriteError, CacheWriter
 from sae_lightning.training import quiet_console
 
 register_resolvers()
@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
     quiet_console()
     try:
         code = CacheWriter(cfg).run()  # 0 complete, 143/130 stopped by SIGTERM/SIGINT (what is complete is kept)
-    except (ValueError, FileNotFoundError) as err:  # a clear, actionable refusal (CacheError included)
+    except (ValueError, FileNotFoundError, CacheWriteError) as err:  # clear and actionable (CacheError, a full disk)
         log.error("%s", err)
         code = 2
     if code:

@@ -3,6 +3,7 @@ bad input; data=cache shuffles across shards in bounded memory and resumes to th
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
@@ -140,6 +141,66 @@ def test_an_interrupted_cache_run_resumes_to_the_same_bytes(tmp_path, data_dir, 
     caplog.set_level(logging.INFO)
     assert CacheWriter(cache_config(directory, data_dir, tiny_shards)).run() == 0  # complete: nothing to do
     assert "already holds the complete cache" in caplog.text
+
+
+def test_a_full_disk_keeps_the_manifest_and_complete_files_and_the_rerun_resumes(tmp_path, data_dir, tiny_shards,
+                                                                                 written_cache, monkeypatch):
+    """ENOSPC while the 6th file is written (half of it reached the disk), then, on a rerun, while the manifest
+    listing the 9th file is written: each time the error says what to do, the manifest and every file it lists
+    stay valid, nothing partial or unlisted is left, and the rerun after freeing space writes identical bytes."""
+    from sae_lightning.data.cache_format import check_shard
+    from sae_lightning.data.cache_write import CacheWriteError
+
+    directory = tmp_path / "c"
+    write_bytes, write_text = Path.write_bytes, Path.write_text
+    shard_writes = []
+
+    def full_disk_at_sixth_file(self, data):
+        if self.parent == directory and self.name.endswith(".safetensors.tmp"):
+            shard_writes.append(self.name)
+            if len(shard_writes) == 6:
+                write_bytes(self, data[: len(data) // 2])
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
+
+    def full_disk_at_ninth_listing(self, text, *args, **kwargs):
+        if self.parent == directory and self.name == MANIFEST + ".tmp" and len(json.loads(text)["shards"]) == 9:
+            write_text(self, text[:100], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, text, *args, **kwargs)
+
+    def check_intact(n_files: int) -> None:
+        manifest = read_manifest(directory)  # valid JSON, the format's fields
+        assert not manifest["complete"] and len(manifest["shards"]) == n_files
+        assert all(check_shard(directory, entry, full=True) is None for entry in manifest["shards"])
+        assert sorted(p.name for p in directory.iterdir()) == sorted([MANIFEST, *(e["file"] for e in
+                                                                                  manifest["shards"])])
+        with pytest.raises(CacheError, match="incomplete"):
+            CacheDataModule(directory)
+
+    advice = r"Is the disk full\? .* intact and nothing half-written was kept; free space and rerun the same " \
+             r"command: the cache resumes where it stopped"
+    monkeypatch.setattr(Path, "write_bytes", full_disk_at_sixth_file)
+    with pytest.raises(CacheWriteError, match=rf"Could not write cache file .*-0001.safetensors .*{advice}") as err:
+        CacheWriter(cache_config(directory, data_dir, tiny_shards)).run()
+    assert err.value.errno == errno.ENOSPC and "the 5 complete file(s) it lists" in str(err.value)
+    check_intact(5)
+    kept = files(directory)
+
+    monkeypatch.setattr(Path, "write_bytes", write_bytes)
+    monkeypatch.setattr(Path, "write_text", full_disk_at_ninth_listing)
+    with pytest.raises(CacheWriteError, match=rf"Could not write the manifest .*manifest.json.*{advice}") as err:
+        CacheWriter(cache_config(directory, data_dir, tiny_shards)).run()
+    assert "the 8 complete file(s) it lists" in str(err.value)
+    check_intact(8)  # the 9th file was complete but unlisted: removed, not left for a later run to trust
+    assert all(files(directory)[name] == data for name, data in kept.items())
+
+    monkeypatch.setattr(Path, "write_text", write_text)  # space freed
+    assert CacheWriter(cache_config(directory, data_dir, tiny_shards)).run() == 0
+    assert files(directory) == files(written_cache)
+    by_file = sorted(shard_entries(directory), key=lambda e: e["file"])
+    assert by_file == sorted(shard_entries(written_cache), key=lambda e: e["file"])
+    assert read_manifest(directory)["complete"]
 
 
 def test_undecodable_samples_are_counted_once_across_a_resume(tmp_path, data_dir, tiny_shards):

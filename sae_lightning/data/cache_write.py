@@ -10,7 +10,9 @@ only on its source shard and the config, never on how many workers read or where
 - each file is written atomically, then the manifest (also atomic) lists it with its size and sha256;
 - a rerun with the same config verifies the listed files, skips finished source shards and the images of
   finished files, and continues; a different config refuses unless `overwrite=true`;
-- SIGTERM/SIGINT stop after the current batch: what is complete is saved, the rest is redone on the rerun.
+- SIGTERM/SIGINT stop after the current batch: what is complete is saved, the rest is redone on the rerun;
+- a write that fails (a full disk, a quota) stops the run with `CacheWriteError`: the manifest and the files
+  it lists stay intact, the file being written is removed, and the rerun after freeing space resumes.
 
 Format: docs/format-activations.md.
 """
@@ -61,6 +63,10 @@ from sae_lightning.validation import Problems, _is_int
 log = logging.getLogger(__name__)
 
 STOP_EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}
+
+
+class CacheWriteError(OSError):
+    """A cache file or the manifest could not be written (a full disk, a quota): the message says what to do."""
 
 
 def validate_cache_config(cfg: DictConfig) -> None:
@@ -291,8 +297,8 @@ class CacheWriter:
                      "%s", self.directory, manifest["total_rows"], manifest["images"], train_command(self.directory))
             return 0
         self.directory.mkdir(parents=True, exist_ok=True)
-        write_manifest(self.directory, manifest)
         self.manifest = manifest
+        self._save_manifest()
 
         device = _device(str(cfg.cache.get("device", "auto")))
         backbone = instantiate(cfg.backbone).to(device)
@@ -307,8 +313,25 @@ class CacheWriter:
                         tokens_per_image=self.tokens_per_image, d_in=backbone.width,
                         rows_per_shard=self.images_per_shard * self.tokens_per_image,
                         images_per_shard=self.images_per_shard, image_batch_size=self.group)
-        write_manifest(self.directory, manifest)
+        self._save_manifest()
         return self._stream()
+
+    def _write_failed(self, what: str, path: Path, err: OSError) -> CacheWriteError:
+        try:  # what the manifest on disk (the old one, when its rewrite is what failed) lists
+            kept = len(read_manifest(self.directory, what="cache.dir")["shards"])
+        except CacheError:
+            kept = 0
+        return CacheWriteError(err.errno, f"Could not write {what} {path} ({err.strerror or err}). Is the disk "
+                                          f"full? The manifest and the {kept} complete file(s) it lists are intact "
+                                          f"and nothing half-written was kept; free space and rerun the same "
+                                          f"command: the cache resumes where it stopped.")
+
+    def _save_manifest(self) -> None:
+        """Atomically rewrite the manifest (the old one stays whole if the write fails: CacheWriteError)."""
+        try:
+            write_manifest(self.directory, self.manifest)
+        except OSError as err:
+            raise self._write_failed("the manifest", self.directory / MANIFEST, err) from err
 
     def _resume_state(self) -> tuple[set[str], dict[str, set[str]], dict[str, _Source]]:
         """(finished source shards, {source: keys in its finished files}, the in-flight sources' state)."""
@@ -376,7 +399,7 @@ class CacheWriter:
         manifest = self.manifest
         manifest["complete"] = True
         _recount(manifest)
-        write_manifest(self.directory, manifest)
+        self._save_manifest()
         log.info("Cache complete: %d rows (%d images, %d undecodable samples skipped) in %d file(s) in %s. Train on "
                  "it: %s", manifest["total_rows"], manifest["images"], manifest["samples_skipped"],
                  len(manifest["shards"]), self.directory, train_command(self.directory))
@@ -412,7 +435,7 @@ class CacheWriter:
             entry = self.manifest["sources"][state.index]
             entry["done"] = True
             del self.states[url]
-            write_manifest(self.directory, self.manifest)
+            self._save_manifest()
 
     @torch.no_grad()
     def _forward(self, state: _Source) -> None:
@@ -442,7 +465,12 @@ class CacheWriter:
             }, sort_keys=True)}
             data = save_safetensors(tensors, metadata)
             name = shard_name(state.index, state.part)
-            replace_file(self.directory / name, lambda tmp: tmp.write_bytes(data))
+            path = self.directory / name
+            try:
+                replace_file(path, lambda tmp: tmp.write_bytes(data))
+            except OSError as err:  # the temporary is gone; a renamed file the manifest does not list goes too
+                path.unlink(missing_ok=True)
+                raise self._write_failed("cache file", path, err) from err
             entry = {"file": name, "source": state.index, "part": state.part, "rows": int(activations.shape[0]),
                      "images": n_images, "skipped": len(state.skipped), "bytes": len(data),
                      "sha256": hashlib.sha256(data).hexdigest(), "first_key": state.keys[0],
@@ -454,6 +482,11 @@ class CacheWriter:
         source["skipped"] += len(state.skipped)
         state.keys, state.labels, state.rows, state.skipped = [], [], [], []
         _recount(self.manifest)
-        write_manifest(self.directory, self.manifest)
+        try:
+            self._save_manifest()
+        except CacheWriteError:
+            if entry is not None:  # written but not listed: removed now (frees its space), redone on the rerun
+                (self.directory / entry["file"]).unlink(missing_ok=True)
+            raise
         if entry is not None and self.on_shard is not None:
             self.on_shard(entry)
