@@ -61,6 +61,9 @@ class SAETrainingModule(LightningModule):
     `resample_dead`: at the end of every density window, re-initialise the features that never fired in it
     (Anthropic-style resampling, `functional.resample_dead_features`, on the latest batch), resetting their
     per-feature biases and Adam moments. An option beside ghost grads / AuxK, off by default.
+    `grad_clip_norm`: clip the SAE's total gradient norm to this before each Adam step (SAELens clips at 1);
+    None (the default): no clipping. An SAE with free decoder norms (`decoder_norm="free"`) is neither
+    renormalised nor projected.
     `resample_seed`: the seed of this SAE's own resampling generator; None (the default) derives it from the
     run's `seed` (train.py's `run_config["seed"]`; 0 without one), so an SAE of a multi-SAE run
     resamples exactly as its single run does. The generator's state is saved in checkpoints
@@ -72,7 +75,8 @@ class SAETrainingModule(LightningModule):
                  dead_feature_window: int = 64, feature_sampling_window: int = 500,
                  b_dec_init: str = "geometric_median", normalize_activations: str = "none",
                  divergence_explained_variance: float = -1000.0, compile: bool = False,
-                 resample_dead: bool = False, resample_seed: int | None = None):
+                 resample_dead: bool = False, resample_seed: int | None = None,
+                 grad_clip_norm: float | None = None):
         super().__init__()
         if b_dec_init not in B_DEC_INITS:
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {b_dec_init!r}")
@@ -197,15 +201,19 @@ class SAETrainingModule(LightningModule):
 
     def forward_loss(self, x: torch.Tensor) -> Any:
         """Renormalise the decoder rows, then the SAE's loss on x [N, d] (with the dead-feature mask)."""
-        F_sae.normalise_decoder_rows(self.sae.W_dec)
+        if getattr(self.sae, "unit_decoder_rows", True):
+            F_sae.normalise_decoder_rows(self.sae.W_dec)
         return (self._compiled_loss or self.sae.loss)(x, dead_mask=self.dead_mask())
 
     def apply_step(self, x: torch.Tensor, out: Any, step: int, force_skip: bool = False) -> None:
         """After backward: project the decoder gradient, Adam (skipped on the device when non-finite), warm-up
         schedule, dead-feature counters. `force_skip`: change nothing (a stopped member of a multi-SAE run)."""
         optimizer, scheduler = self._optimizer(), self._scheduler()
-        F_sae.remove_parallel_gradient(self.sae.W_dec)
+        if getattr(self.sae, "unit_decoder_rows", True):
+            F_sae.remove_parallel_gradient(self.sae.W_dec)
         skip = self._non_finite(out.total.detach())
+        if self.hparams.get("grad_clip_norm") is not None:  # after the check: a non-finite step is skipped anyway
+            torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.hparams.grad_clip_norm)
         if force_skip:
             skip = torch.ones_like(skip)
         getattr(optimizer, "optimizer", optimizer).found_inf = skip  # fused Adam changes nothing when 1

@@ -183,6 +183,7 @@ class PlantedRun:
     b_dec_init: str = "geometric_median"
     resample_dead: bool = False  # Anthropic-style resampling at the end of every density window
     feature_sampling_window: int | None = None  # the density window in steps; None: the whole run
+    grad_clip_norm: float | None = None  # clip the total gradient norm (SAELens: 1); None: no clipping
     seed: int = 0
     sae: str = "standard"  # a key of sae_lightning.sae.TRAINING_ARCHITECTURES
     sae_kwargs: dict | None = None  # that architecture's knobs (k, l0_coefficient, ...), e.g. {"k": 8}
@@ -217,7 +218,8 @@ def train_planted(run: PlantedRun, out_dir: str | Path | None = None) -> tuple[S
     module = SAETrainingModule(sae, lr=run.lr, lr_warmup_steps=run.lr_warmup_steps, ghost_grads=run.ghost_grads,
                                dead_feature_window=run.dead_feature_window,
                                feature_sampling_window=run.feature_sampling_window or run.steps,
-                               b_dec_init=run.b_dec_init, resample_dead=run.resample_dead)
+                               b_dec_init=run.b_dec_init, resample_dead=run.resample_dead,
+                               grad_clip_norm=run.grad_clip_norm)
     datamodule = ActivationsDataModule(train_x, sae_batch_size=run.sae_batch_size, buffer_size=run.buffer_size,
                                        seed=run.seed)
     trainer = L.Trainer(accelerator=run.accelerator, devices=1, max_steps=run.steps, max_epochs=-1, logger=False,

@@ -584,3 +584,58 @@ def test_training_steps_through_trainer():
     assert torch.equal(module.steps_since_fired, counts)
     assert records[2]["dead"][:4].all() and records[2]["ghost"] > 0
     assert records[0]["ghost"] == 0.0
+
+
+class _GradRecorder(Callback):
+    """Every parameter and its gradient as the optimiser is about to step."""
+
+    def __init__(self):
+        self.pre_step = []
+
+    def on_train_start(self, trainer, pl_module):
+        params = dict(pl_module.sae.named_parameters())
+
+        def hook(optimizer, args, kwargs):
+            self.pre_step.append({k: (p.detach().clone(), p.grad.detach().clone()) for k, p in params.items()})
+
+        trainer.optimizers[0].register_step_pre_hook(hook)
+
+
+def test_free_decoder_rows_are_left_alone_and_gradients_clipped_through_trainer():
+    """decoder_norm="free" + grad_clip_norm: no renormalisation, no projection, and the optimiser sees the
+    loss's own gradient scaled by clip / ||g|| (computed here on a copy of the SAE)."""
+    import copy
+
+    d, n_features, clip = 8, 32, 0.05
+    torch.manual_seed(3)
+    sae = SparseAutoencoder(d, n_features, l1_coefficient=1e-3, decoder_norm="free")
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.linspace(0.5, 2.0, n_features)[:, None])  # rows far from unit norm
+    start_norms = sae.W_dec.detach().norm(dim=-1).clone()
+    module = SAETrainingModule(sae, lr=1e-3, lr_warmup_steps=1, ghost_grads=False, b_dec_init="mean",
+                               grad_clip_norm=clip)
+    batches = [{"activations": 3 * torch.randn(64, d) + 1.0} for _ in range(3)]
+    reference = copy.deepcopy(sae)
+    with torch.no_grad():
+        reference.b_dec.copy_(batches[0]["activations"].mean(0))  # b_dec_init="mean" on the first batch
+    reference.loss(batches[0]["activations"]).total.backward()
+    ref_grads = {k: p.grad for k, p in reference.named_parameters()}
+    ref_norm = torch.sqrt(sum(g.pow(2).sum() for g in ref_grads.values()))
+    assert ref_norm > 10 * clip, "control: the example's gradient is well above the clip"
+
+    recorder = _GradRecorder()
+    trainer = Trainer(max_steps=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+
+    assert len(recorder.pre_step) == 3
+    first = recorder.pre_step[0]
+    torch.testing.assert_close(first["W_dec"][0].norm(dim=-1), start_norms, rtol=0, atol=0)  # not renormalised
+    for k, g in ref_grads.items():  # the whole gradient, W_dec's parallel part included, scaled to the clip
+        torch.testing.assert_close(first[k][1], g * clip / ref_norm, rtol=1e-4, atol=1e-8,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+    for step in recorder.pre_step:
+        total = torch.sqrt(sum(g.pow(2).sum() for _, g in step.values()))
+        assert total == pytest.approx(clip, rel=1e-4)
+    norms = sae.W_dec.detach().norm(dim=-1)
+    assert (norms - start_norms).abs().max() < 0.01 and (norms - 1).abs().max() > 0.4  # trained, never reset to 1
