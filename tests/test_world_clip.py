@@ -20,6 +20,7 @@ from sae_lightning.world.clip_model import (
     perturb,
     render_hard_negative_scenes,
     render_scenes,
+    simplify,
 )
 from sae_lightning.world.scenes import sample_scene
 from sae_lightning.world.train_clip import TinyClipConfig, ensure_tiny_clip, metadata_path, read_metadata
@@ -187,3 +188,64 @@ def test_group_size_is_part_of_the_config_hash():
     # BENCHMARKS.md report (vision width 96, text width 64 x 2 blocks, 1000 steps): a change must update them
     assert TinyClipConfig().digest() == "1800faa32d82e131"
     assert "group_size" not in TinyClipConfig().as_dict()
+
+
+def test_easy_scenes_keep_the_main_object_alone_large_and_clean():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        base = sample_scene(rng)
+        easy = simplify(base, rng)
+        main, new = base["objects"][0], easy["objects"][0]
+        assert easy["count"] == 1 and len(easy["objects"]) == 1 and easy["effect"] == "none"
+        assert new["size"] == "large" and 0.16 <= new["radius"] <= 0.2
+        assert (new["colour"], new["shape"], new["rgb"]) == (main["colour"], main["shape"], main["rgb"])
+        assert new["radius"] + 0.02 <= new["x"] <= 1 - new["radius"] - 0.02
+        assert (easy["label"], easy["background"], easy["seed"]) == (base["label"], base["background"], base["seed"])
+    # easy_fraction 0 draws exactly the scenes it drew before the option existed; 1 simplifies every base scene
+    plain = render_hard_negative_scenes(np.random.default_rng(5), 8, 32, group_size=2)[1]
+    again = render_hard_negative_scenes(np.random.default_rng(5), 8, 32, group_size=2, easy_fraction=0.0)[1]
+    assert plain == again
+    images, easy = render_hard_negative_scenes(np.random.default_rng(5), 8, 32, group_size=2, easy_fraction=1.0)
+    assert all(r["count"] == 1 and r["objects"][0]["size"] == "large" for r in easy[::2])
+    assert all(r["objects"][0]["shape"] != b["objects"][0]["shape"] for b, r in zip(easy[::2], easy[1::2]))
+    assert len(images) == 8
+    with pytest.raises(ValueError, match="easy_fraction"):
+        render_hard_negative_scenes(np.random.default_rng(5), 8, 32, group_size=2, easy_fraction=1.5)
+
+
+def test_sigmoid_loss_trains_and_needs_a_logit_bias(tmp_path):
+    path = tmp_path / "sae-test-micro-sigmoid.json"
+    path.write_text(json.dumps({**MICRO_CONFIG, "init_logit_bias": -10.0, "init_logit_scale": float(np.log(10))}))
+    open_clip.add_model_config(path)
+    with pytest.raises(ValueError, match="init_logit_bias"):
+        TinyClipModule(MICRO, loss="siglip")
+    with pytest.raises(ValueError, match="loss must be"):
+        TinyClipModule(MICRO, loss="hinge")
+    torch.manual_seed(0)
+    images, records = render_scenes(np.random.default_rng(0), 32, 32)
+    dataset = CaptionedScenes(images, records, open_clip.get_tokenizer(MICRO), n_captions=1, seed=0)
+    module = TinyClipModule("sae-test-micro-sigmoid", lr=3e-3, warmup_steps=1, max_steps=40, loss="siglip")
+    fixed = (dataset.images, dataset.tokens[:, 0])
+    # open_clip's SigLipLoss: mean over images of -sum_j log sigmoid(label_ij * (scale * cos_ij + bias))
+    with torch.no_grad():
+        image = module.model.encode_image(
+            (dataset.images.float() / 255 - torch.tensor(module.mean).view(1, 3, 1, 1))
+            / torch.tensor(module.std).view(1, 3, 1, 1), normalize=True)
+        text = module.model.encode_text(fixed[1], normalize=True)
+        logits = 10 * image @ text.T - 10
+        labels = 2 * torch.eye(32) - 1
+        by_hand = float(-torch.nn.functional.logsigmoid(labels * logits).sum() / 32)
+        before = float(module.clip_loss(*fixed))
+    assert before == pytest.approx(by_hand, rel=1e-4)
+    trainer = L.Trainer(accelerator="cpu", max_steps=40, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(dataset, batch_size=32, shuffle=True))
+    with torch.no_grad():
+        after = float(module.clip_loss(*fixed))
+    assert after < 0.5 * before, (before, after)
+
+
+def test_new_settings_enter_the_hash_only_when_on():
+    assert micro_config(easy_fraction=0.3).digest() != micro_config().digest()
+    assert micro_config(loss="siglip").digest() != micro_config().digest()
+    assert "easy_fraction" not in micro_config().as_dict() and "loss" not in micro_config().as_dict()

@@ -13,7 +13,7 @@ import numpy as np
 import open_clip
 import PIL.Image
 import torch
-from open_clip.loss import ClipLoss
+from open_clip.loss import ClipLoss, SigLipLoss
 from torch.utils.data import Dataset, Sampler
 
 from sae_lightning.world.scenes import (
@@ -104,17 +104,32 @@ def perturb(record: dict[str, Any], attribute: str, rng: np.random.Generator) ->
     return out
 
 
-def render_hard_negative_scenes(rng: np.random.Generator, n: int, image_size: int, group_size: int
-                                ) -> tuple[list[PIL.Image.Image], list[dict]]:
+def simplify(record: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """An easy version of a scene record (no caption): its main object alone, large, re-placed, no image effect."""
+    main = dict(record["objects"][0], size="large", radius=round(float(rng.uniform(*_RADIUS["large"])), 4))
+    (main["x"], main["y"]), = _place(rng, [main["radius"]])
+    main["x"], main["y"] = round(main["x"], 4), round(main["y"], 4)
+    out = {k: v for k, v in record.items() if k != "caption"}
+    out.update(objects=[main], count=1, effect="none")
+    return out
+
+
+def render_hard_negative_scenes(rng: np.random.Generator, n: int, image_size: int, group_size: int,
+                                easy_fraction: float = 0.0) -> tuple[list[PIL.Image.Image], list[dict]]:
     """n scenes in consecutive groups of `group_size`: a base scene, then variants that each change one
     attribute of it (PERTURBED, in order, cycling), so one group's captions differ only in shape, count,
     effect or colour. `group_size` 1: independent scenes. n must be a multiple of `group_size`.
+    A fraction `easy_fraction` of the base scenes is simplified first (`simplify`: one large object, no effect).
     """
     if group_size < 1 or n % group_size:
         raise ValueError(f"n ({n}) must be a positive multiple of group_size ({group_size})")
+    if not 0 <= easy_fraction <= 1:
+        raise ValueError(f"easy_fraction must be in [0, 1], got {easy_fraction}")
     images, records = [], []
     for _ in range(n // group_size):
         base = sample_scene(rng)
+        if easy_fraction and rng.random() < easy_fraction:
+            base = simplify(base, rng)
         group = [base] + [perturb(base, PERTURBED[(k - 1) % len(PERTURBED)], rng) for k in range(1, group_size)]
         for record in group:
             record["caption"] = compose_caption(record, rng)
@@ -181,19 +196,23 @@ def normalise(images: torch.Tensor, mean: Sequence[float], std: Sequence[float])
 
 
 class TinyClipModule(L.LightningModule):
-    """Trains an open_clip CLIP (built from a registered model config) with open_clip's ClipLoss.
+    """Trains an open_clip CLIP (built from a registered model config) with open_clip's ClipLoss (or SigLipLoss).
 
     AdamW (no weight decay on gains, biases, embeddings and the temperature), linear warmup then cosine
     decay to zero over `max_steps`. Each step pairs every image with one of its captions at random.
     """
 
     def __init__(self, model_name: str, lr: float = 2e-3, weight_decay: float = 0.1, warmup_steps: int = 50,
-                 max_steps: int = 1000, log_every_n_steps: int = 50) -> None:
+                 max_steps: int = 1000, log_every_n_steps: int = 50, loss: str = "clip") -> None:
         super().__init__()
         self.save_hyperparameters()
         self._started = time.perf_counter()
         self.model = open_clip.create_model(model_name, pretrained=None)
-        self.loss = ClipLoss()
+        if loss not in ("clip", "siglip"):
+            raise ValueError(f"loss must be 'clip' or 'siglip', got {loss!r}")
+        if loss == "siglip" and getattr(self.model, "logit_bias", None) is None:
+            raise ValueError(f"loss 'siglip' needs a logit bias: add \"init_logit_bias\" to {model_name}'s config")
+        self.loss = SigLipLoss() if loss == "siglip" else ClipLoss()
         cfg = self.model.visual.preprocess_cfg
         self.mean, self.std = tuple(cfg["mean"]), tuple(cfg["std"])
 
@@ -201,6 +220,8 @@ class TinyClipModule(L.LightningModule):
         """Symmetric InfoNCE of uint8 images [B, 3, H, W] against token ids [B, context_length]."""
         image_features = self.model.encode_image(normalise(images, self.mean, self.std), normalize=True)
         text_features = self.model.encode_text(tokens, normalize=True)
+        if isinstance(self.loss, SigLipLoss):
+            return self.loss(image_features, text_features, self.model.logit_scale.exp(), self.model.logit_bias)
         return self.loss(image_features, text_features, self.model.logit_scale.exp())
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -53,6 +53,8 @@ class TinyClipConfig:
     n_train: int = 12288
     n_captions: int = 3
     group_size: int = 1  # >1: hard-negative groups (a base scene, variants changing shape, count, effect, colour)
+    easy_fraction: float = 0.0  # share of base scenes simplified to one large object without effect
+    loss: str = "clip"  # open_clip's ClipLoss, or "siglip" (SigLipLoss; the model config needs init_logit_bias)
     steps: int = 1000
     batch_size: int = 128
     lr: float = 2e-3
@@ -65,8 +67,10 @@ class TinyClipConfig:
         out = dataclasses.asdict(self)
         out["model_config"] = open_clip.get_model_config(self.model_name)
         out["scene_version"] = SCENE_VERSION
-        if self.group_size == 1:  # no hard negatives: the same data and batches as before the field existed
-            del out["group_size"]
+        # settings at their "off" value add nothing: the same data and training as before the fields existed
+        for name, off in (("group_size", 1), ("easy_fraction", 0.0), ("loss", "clip")):
+            if out[name] == off:
+                del out[name]
         return out
 
     def digest(self) -> str:
@@ -92,12 +96,17 @@ def is_cached(checkpoint: str | Path, config: TinyClipConfig) -> bool:
             and meta.get("config_hash") == config.digest())
 
 
-def train_tiny_clip(config: TinyClipConfig, log_every_n_steps: int = 50) -> TinyClipModule:
-    """Render `n_train` scenes, train for `steps` with ClipLoss through Lightning; return the module."""
+def train_tiny_clip(config: TinyClipConfig, log_every_n_steps: int = 50, accelerator: str = "cpu",
+                    callbacks: list | None = None, deterministic: bool | str = True) -> TinyClipModule:
+    """Render `n_train` scenes, train for `steps` with ClipLoss through Lightning; return the module.
+
+    `accelerator`, `callbacks` and `deterministic` go to the Lightning Trainer (not part of the config: the
+    demo trains on CPU, deterministically).
+    """
     L.seed_everything(config.seed, workers=True, verbose=False)
     started = time.perf_counter()
     images, records = render_hard_negative_scenes(_split_rng(config.seed, "clip-train"), config.n_train,
-                                                  config.image_size, config.group_size)
+                                                  config.image_size, config.group_size, config.easy_fraction)
     tokenizer = open_clip.get_tokenizer(config.model_name)
     dataset = CaptionedScenes(images, records, tokenizer, config.n_captions, seed=config.seed)
     log.info("rendered %d training scenes in %.0f s", len(dataset), time.perf_counter() - started)
@@ -110,10 +119,10 @@ def train_tiny_clip(config: TinyClipConfig, log_every_n_steps: int = 50) -> Tiny
         loader = DataLoader(dataset, batch_sampler=sampler, num_workers=0)
     module = TinyClipModule(config.model_name, lr=config.lr, weight_decay=config.weight_decay,
                             warmup_steps=config.warmup_steps, max_steps=config.steps,
-                            log_every_n_steps=log_every_n_steps)
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=config.steps, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        log_every_n_steps=log_every_n_steps, deterministic=True)
+                            log_every_n_steps=log_every_n_steps, loss=config.loss)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, callbacks=callbacks, max_steps=config.steps, max_epochs=-1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        log_every_n_steps=log_every_n_steps, deterministic=deterministic)
     trainer.fit(module, loader)
     return module
 
