@@ -131,9 +131,10 @@ class SparseAutoencoder(nn.Module):
     @classmethod
     def from_config(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "SparseAutoencoder":
         """The SAE a cfg.json and its tensors (io.read_sae) describe."""
+        free = {"decoder_norm": cfg["decoder_norm"]} if "decoder_norm" in cfg else {}  # only the standard SAE's
         sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), l1_coefficient=float(cfg.get("l1_coefficient", 0.0)),
-                  mse=cfg.get("mse", "normalised"), decoder_norm=cfg.get("decoder_norm", "unit"),
-                  metadata=cfg.get("metadata", {}), dtype=tensors["W_enc"].dtype)
+                  mse=cfg.get("mse", "normalised"), metadata=cfg.get("metadata", {}), dtype=tensors["W_enc"].dtype,
+                  **free)
         sae.load_state_dict(tensors)
         return sae
 
