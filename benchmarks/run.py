@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -16,24 +17,14 @@ import time
 import warnings
 from pathlib import Path
 
-from benchmarks import (
-    cache,
-    explorer,
-    gpu,
-    memory,
-    multi_sae,
-    pipeline,
-    planted_recovery,
-    precision,
-    sae_step,
-    tiny_clip,
-)
 from benchmarks.report import ROOT, Section, machine, render
 
-CPU_PARTS = {"planted": planted_recovery.run, "sae_step": sae_step.run, "pipeline": pipeline.run,
-             "memory": memory.run, "precision": precision.run, "explorer": explorer.run,
-             "tiny_clip": tiny_clip.run, "architectures": planted_recovery.architecture_section, "cache": cache.run,
-             "multi_sae": multi_sae.run}
+# part -> "module:function"; a part's module is imported only when that part runs, so a GPU machine with the
+# training dependencies alone (no Streamlit) can run `--only gpu`
+CPU_PARTS = {"planted": "planted_recovery:run", "sae_step": "sae_step:run", "pipeline": "pipeline:run",
+             "memory": "memory:run", "precision": "precision:run", "explorer": "explorer:run",
+             "tiny_clip": "tiny_clip:run", "architectures": "planted_recovery:architecture_section",
+             "cache": "cache:run", "multi_sae": "multi_sae:run"}
 # Opt-in parts: too long for `make bench` on a 2-core CPU (every architecture x 3 data variants at 2,000 steps
 # of 1,024); run them on a GPU machine: python -m benchmarks.run --only architectures --out BENCHMARKS-arch.md
 OPT_IN = {"architectures", "multi_sae"}  # multi_sae: N SAEs x (1 + N) fits, numbers in one_off.md
@@ -53,7 +44,11 @@ def run_part(name: str, quick: bool, gpu_requested: bool) -> Section:
     start, load_before = time.perf_counter(), os.getloadavg()[0]
     print(f"[bench] {name} ...", flush=True)
     try:
-        section = gpu.run(quick, measure=gpu_requested) if name == "gpu" else CPU_PARTS[name](quick)
+        if name == "gpu":
+            section = importlib.import_module("benchmarks.gpu").run(quick, measure=gpu_requested)
+        else:
+            module, function = CPU_PARTS[name].split(":")
+            section = getattr(importlib.import_module(f"benchmarks.{module}"), function)(quick)
     except Exception as err:  # noqa: BLE001 - one broken part must not lose the others' figures
         print(f"[bench] {name} FAILED: {type(err).__name__}: {err}", flush=True)
         section = Section(f"{name} (failed)", f"This part failed: `{type(err).__name__}: {str(err)[:500]}`")

@@ -258,3 +258,14 @@ def test_resume_through_a_lightning_checkpoint_continues_the_pass(backbone, tmp_
     resumed = fit(9 + 11, tmp_path / "ckpt" / "last.ckpt")  # 2 to refill + 11 steps: the 13 images left
     assert not set(first.keys_read) & set(resumed.keys_read)
     assert set(first.keys_read) | set(resumed.keys_read) == every_key
+
+
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_pass_delivers_every_image_when_a_worker_holds_less_than_a_batch(backbone, shards, num_workers):
+    """4 shards x 4 images, image batches of 12: one reader ends its pass with 4 left over; two readers hold 8
+    each, under one batch. Every image must reach the buffer (the old code dropped each worker's last partial
+    batch: 4 images lost, or all 16 and a "yielded no image" error with two workers)."""
+    dm = datamodule(backbone, shards, tokens="cls", sae_batch_size=12, buffer_size=12, num_workers=num_workers)
+    _, keys = run_pass(dm)
+    assert sorted(keys) == sorted(f"s-{s:06d}.tar/s{s}_{i:04d}" for s in range(4) for i in range(4))
+    assert dm.images_seen == dm.activations_seen == 16

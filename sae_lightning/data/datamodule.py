@@ -176,6 +176,10 @@ class ImageActivationDataModule(ActivationStreamMixin, LightningDataModule):
             pin_memory=self.pin_memory, shuffle=self.shuffle, shardshuffle=self.shardshuffle,
             seed=self.seed + offset, resampled=self.resampled, track=True,
             pace=(self.tokens_per_image, self.sae_batch_size), skip_shards=skip, skip_samples=skip_samples,
+            # each worker's last, smaller batch of a pass is kept: the buffer serves SAE batches whatever the
+            # image batch sizes, and dropping it lost up to a batch per worker per pass (every image, when a
+            # worker's share of the shards is under one batch: e.g. 2,048 images over 8 workers at batch 1,024)
+            partial=True,
         )
         return _PassStream(self, loader)
 
