@@ -383,15 +383,78 @@ def test_ranks_and_workers_split_the_stream(tmp_path):
         epoch[rank] = [r for b in take(stream, 100) for r in ids(b)][:n]
     assert not set(epoch[0]) & set(epoch[1])  # disjoint blocks per rank
     assert sorted(epoch[0] + epoch[1]) == sorted((f, r) for f, n in enumerate(sizes) for r in range(n))
-    single = take(CacheStream(paths, sizes, 32, 16, 3, seed=1), 12)
-    loader = torch.utils.data.DataLoader(CacheStream(paths, sizes, 32, 16, 3, seed=1), batch_size=None,
-                                         num_workers=2)
+    in_process = take(CacheStream(paths, sizes, 32, 16, 3, seed=1, workers=2), 12)
     served = []
-    for batch in loader:
+    for batch in torch.utils.data.DataLoader(CacheStream(paths, sizes, 32, 16, 3, seed=1, workers=2),
+                                             batch_size=None, num_workers=2):
         served.append(batch["activations"])
         if len(served) == 12:
             break
-    assert all(torch.equal(a, b) for a, b in zip(single, served))  # workers round-robin = the stream's order
+    assert all(torch.equal(a, b) for a, b in zip(in_process, served))  # the loader's round-robin = the sequence
+    with pytest.raises(Exception, match="made for 1 DataLoader worker"):
+        next(iter(torch.utils.data.DataLoader(CacheStream(paths, sizes, 32, 16, 3, seed=1), batch_size=None,
+                                              num_workers=2)))
+
+
+def test_workers_read_their_own_part_of_each_epoch_and_any_batch_position_replays(tmp_path):
+    """With 2 workers each worker reads only the windows of its half of the epoch (plus the window across the
+    boundary), the sequence still serves each row once per epoch, and a start at any whole batch replays it."""
+    paths, sizes = id_cache(tmp_path, [40, 64, 24, 64, 50, 64, 33, 45])  # 384 rows = 2 workers x 6 x 32
+    everything = sorted((f, r) for f, n in enumerate(sizes) for r in range(n))
+    stream = CacheStream(paths, sizes, 32, 16, 3, seed=5, workers=2)
+    full = take(stream, 36)  # 3 epochs
+    rows = [r for b in full for r in ids(b)]
+    for epoch in range(3):
+        assert sorted(rows[384 * epoch: 384 * (epoch + 1)]) == everything
+    assert rows[:384] != rows[384:768]
+    for worker in (0, 1):  # a worker's first epoch: its 192 rows, read from at most one window more
+        alone = CacheStream(paths, sizes, 32, 16, 3, seed=5, workers=2)
+        batches = alone.worker_batches(worker)
+        served = [r for _ in range(6) for r in ids(next(batches))]
+        assert served == [r for k, b in enumerate(full[:12]) if k % 2 == worker for r in ids(b)]
+        assert alone.rows_loaded <= 192 + 2 * 48  # its half plus the windows across its two ends (48 rows)
+    for start in (32 * 3, 32 * 8, 32 * 13):  # odd and even batches, in the 2nd epoch
+        resumed = take(CacheStream(paths, sizes, 32, 16, 3, seed=5, workers=2, start_row=start), 6)
+        assert torch.equal(torch.cat(resumed), torch.cat(full)[start: start + 192])
+    with pytest.raises(CacheError, match="not a whole number of batches of sae_batch_size=32"):
+        CacheStream(paths, sizes, 32, 16, 3, seed=5, workers=2, start_row=40)
+
+
+def test_two_loader_workers_serve_each_row_once_per_epoch_and_read_it_once(written_cache, tmp_path, monkeypatch):
+    """data.num_workers=2 on a real cache: one epoch (16 batches of 32 of the 512 rows) serves every image's
+    class token exactly once, and the workers read about one epoch of rows between them (before the fix each
+    worker read every window: at least 2 x 512 rows)."""
+    lookup = {}
+    for entry in shard_entries(written_cache):
+        tensors = load_file(str(written_cache / entry["file"]))
+        keys = shard_metadata(written_cache / entry["file"])["keys"]
+        for row, image, token in zip(tensors["activations"], tensors["image"].tolist(), tensors["token"].tolist()):
+            lookup[row.numpy().tobytes()] = (entry["file"], keys[image], token)
+    assert len(lookup) == 512
+    log = tmp_path / "loads.txt"
+    load = CacheStream.load
+
+    def logged_load(self, window):
+        data = load(self, window)
+        with open(log, "a") as handle:  # from the worker processes
+            handle.write(f"{os.getpid()} {len(data)}\n")
+        return data
+
+    monkeypatch.setattr(CacheStream, "load", logged_load)
+    dm = CacheDataModule(written_cache, sae_batch_size=32, buffer_size=0, block_rows=16, window_blocks=3,
+                         num_workers=2)
+    served = []
+    for batch in dm.train_dataloader():
+        served += [lookup[row.numpy().tobytes()] for row in batch["activations"]]
+        if len(served) == 512:
+            break
+    assert sorted(served) == sorted(lookup.values())  # every (file, key, token) once
+    loads = [line.split() for line in log.read_text().splitlines()]
+    assert len({pid for pid, _ in loads}) == 2
+    loaded = sum(int(n) for _, n in loads)
+    # the epoch, the window across the two halves, and what each worker prefetched beyond it (the loader asks
+    # each for 2 batches ahead: 64 rows, within at most 3 windows of 48); every worker reading every window: 1,024+
+    assert 512 <= loaded <= 512 + 48 + 2 * 3 * 48, loaded
 
 
 # ---- training from the cache --------------------------------------------------------------------------------
@@ -447,6 +510,34 @@ def test_interrupted_and_resumed_training_gives_the_same_sae(tmp_path, written_c
     assert sae.W_enc.shape == (64, 128)  # d_in from the manifest, expansion 2
     assert {k: sae.metadata[k] for k in ("backbone", "layer", "tokens", "dataset")} == {
         "backbone": "sae-tiny-vit", "layer": 2, "tokens": "cls", "dataset": str(written_cache)}
+
+
+@pytest.mark.slow
+def test_with_two_loader_workers_an_interrupted_run_resumes_exactly(tmp_path, written_cache):
+    """data.num_workers=2 (each worker its own part of every epoch): stopped by SIGTERM at step 9 and resumed
+    equals 24 steps straight to 1e-5; a resume whose position is not a whole number of the new sae_batch_size's
+    batches refuses before any work (the workers' sequence is cut in batches)."""
+    from sae_lightning.training import train
+
+    workers = ["data.num_workers=2"]
+    train(train_config(tmp_path / "straight", written_cache, workers))
+    reference = final_state(tmp_path / "straight")
+    stopped = tmp_path / "stopped"
+    with pytest.raises(SystemExit):
+        train(train_config(stopped, written_cache, [*workers, "+callbacks.stop._target_=tests.helpers.SignalAtStep",
+                                                    "+callbacks.stop.step=9"]))
+    position = torch.load(stopped / "checkpoints" / "last.ckpt", weights_only=True)["CacheDataModule"]
+    assert position["rows_served"] == 480 and position["stream"]["workers"] == 2
+    train(train_config(stopped, written_cache, [*workers, "ckpt_path=last"]))
+    state = final_state(stopped)
+    assert state.keys() == reference.keys()
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, atol=1e-5, rtol=0, msg=key)
+    before = (stopped / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(ValueError, match=r"stopped at row 1152 .* not a whole number of batches of "
+                                         r"sae_batch_size=40: with data.num_workers=2"):
+        train(train_config(stopped, written_cache, [*workers, "sae_batch_size=40", "max_steps=30", "ckpt_path=last"]))
+    assert (stopped / "checkpoints" / "last.ckpt").read_bytes() == before
 
 
 @pytest.mark.slow

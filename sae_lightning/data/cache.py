@@ -11,7 +11,16 @@ activations, so replaying it would mean checkpointing its contents. The cache pa
 batch sequence a pure function of (seed, rank, world size, position in rows): the window permutation is the
 shuffle, the checkpoint stores only the position, and a resumed run rebuilds exactly the batches the
 interrupted one would have seen. Each DDP rank reads its own share of every epoch's blocks (rank r takes
-blocks r, r + world_size, ... of the permutation). Format and knobs: docs/format-activations.md.
+blocks r, r + world_size, ... of the permutation).
+
+With W > 1 DataLoader workers, each reads only its own part of every epoch: the rank's epoch row stream is
+cut into W contiguous pieces of (nearly) equal rows, and worker w takes piece (w + epoch) mod W (the pieces
+rotate, so over W epochs every worker serves the same number of rows). A worker loads only the windows its
+piece overlaps (a window across a piece boundary is loaded by both neighbours: at most W - 1 extra windows
+per epoch) and cuts its pieces, epoch after epoch, into batches. The DataLoader serves the workers' batches
+round-robin, so batch k of the rank's sequence is batch k // W of worker k mod W: still a pure function of
+(seed, settings, W, batch size, position), and a resume at batch K gives loader worker j the role of worker
+(K + j) mod W. Format and knobs: docs/format-activations.md.
 """
 
 from __future__ import annotations
@@ -32,8 +41,11 @@ from sae_lightning.data.cache_format import CacheError, check_cache, read_manife
 log = logging.getLogger(__name__)
 
 POSITION_VERSION = 1
-# What makes two runs' batch streams the same: a resume that changes any of these is not exact.
-STREAM_KEYS = ("seed", "shuffle", "block_rows", "window_blocks", "world_size", "config_hash", "total_rows")
+# What makes two runs' batch streams the same: a resume that changes any of these is not exact (and, with more
+# than one worker, the batch size). A checkpoint without "workers" was written when every worker count gave the
+# one-worker stream, so it counts as workers=1.
+STREAM_KEYS = ("seed", "shuffle", "block_rows", "window_blocks", "world_size", "workers", "config_hash",
+               "total_rows")
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -45,24 +57,36 @@ def _generator(*parts: int) -> torch.Generator:
 class CacheStream(IterableDataset):
     """An endless stream of `{"activations": [N, d]}` batches (storage dtype) from a cache's shard files.
 
-    Batch k of rank `rank` holds rows [start_row + k N, start_row + (k + 1) N) of that rank's stream (module
-    docstring); with `init_rows`, the first batch also carries `init_activations`, the stream's first
-    `init_rows` rows (b_dec initialisation). DataLoader worker w of W yields the batches k = w mod W, so the
-    loader's round-robin order is the stream's. `max_resident` records the most rows held at once (one window
-    plus the part of a batch gathered so far) in the process that iterates.
+    With `workers` = 1, batch k of rank `rank` holds rows [start_row + k N, start_row + (k + 1) N) of that
+    rank's stream; with W = `workers` > 1 (the DataLoader's num_workers, which must then match), batch k is
+    batch k // W of worker k mod W, each worker serving its own pieces of every epoch (module docstring), and
+    `start_row` must be a whole number of batches. `batches()` is the rank's sequence in this process; in a
+    DataLoader each worker yields its own batches and the loader's round-robin order is the same sequence.
+    With `init_rows`, the first batch also carries `init_activations`, the rank stream's first `init_rows` rows
+    (b_dec initialisation). `max_resident` records the most rows held at once (one window plus the part of a
+    batch gathered so far) in the process that iterates; `rows_loaded` counts the rows it read from files.
     """
 
     def __init__(self, files: list[str], rows: list[int], batch_size: int, block_rows: int, window_blocks: int,
                  shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1, start_row: int = 0,
-                 init_rows: int = 0):
+                 init_rows: int = 0, workers: int = 1):
         self.files, self.batch_size, self.window_blocks = files, batch_size, window_blocks
         self.shuffle, self.seed, self.rank, self.world_size = shuffle, seed, rank, world_size
-        self.start_row, self.init_rows = start_row, init_rows
+        self.start_row, self.init_rows, self.workers = start_row, init_rows, max(1, workers)
         self.blocks = [(f, a, min(a + block_rows, n)) for f, n in enumerate(rows) for a in range(0, n, block_rows)]
         if len(self.blocks) < world_size:
             raise CacheError(f"the cache has {len(self.blocks)} block(s) of data.block_rows={block_rows} rows for "
                              f"{world_size} processes: lower data.block_rows so every rank gets rows.")
+        if self.workers > 1 and sum(rows) < world_size * self.workers * batch_size:
+            raise CacheError(f"the cache's {sum(rows)} rows are less than one batch of {batch_size} per DataLoader "
+                             f"worker ({self.workers}) and rank ({world_size}): lower data.num_workers.")
+        if self.workers > 1 and start_row % batch_size:
+            raise CacheError(f"resuming at row {start_row} of the cache stream, which is not a whole number of "
+                             f"batches of sae_batch_size={batch_size}: with data.num_workers={self.workers} the "
+                             f"batch sequence is cut per worker in batches, so this resume cannot continue it "
+                             f"exactly. Resume with the sae_batch_size the run was trained with.")
         self.max_resident = 0
+        self.rows_loaded = 0
 
     def epoch_blocks(self, epoch: int) -> list[int]:
         """This rank's blocks in epoch `epoch`, in the order they are read."""
@@ -96,55 +120,83 @@ class CacheStream(IterableDataset):
             try:
                 with safe_open(path, framework="pt") as handle:
                     parts.append(handle.get_slice("activations")[start:stop])
+                self.rows_loaded += stop - start
             except (SafetensorError, OSError) as err:
                 raise CacheError(f"cache shard {path} cannot be read ({err}). Rerun the `python cache.py ...` "
                                  f"command that wrote the cache: it verifies the files and rewrites bad ones.") from err
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def segments(self, start_row: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """(window rows [n, d], the order of the rows still to serve) from the window holding `start_row` on."""
+    def piece(self, epoch: int, worker: int) -> tuple[int, int]:
+        """Rows [lo, hi) of the rank's epoch `epoch` (its windows one after another) served by worker `worker`."""
+        total = sum(self.window_rows(w) for w in self.windows(epoch))
+        i = (worker + epoch) % self.workers
+        return i * total // self.workers, (i + 1) * total // self.workers
+
+    def segments(self, start_row: int, worker: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(window rows [n, d], the order of the rows still to serve) of worker `worker`'s stream (its pieces
+        of every epoch, one after another), from its row `start_row` on; windows outside its pieces are not read."""
         epoch, offset = 0, start_row
         while True:
+            lo, hi = self.piece(epoch, worker)
+            if offset >= hi - lo:
+                offset -= hi - lo
+                epoch += 1
+                continue
+            begin, offset, at = lo + offset, 0, 0
             for index, window in enumerate(self.windows(epoch)):
                 n = self.window_rows(window)
-                if offset >= n:
-                    offset -= n
-                    continue
-                data = self.load(window)
-                order = self.window_order(epoch, index, n)[offset:]
-                offset = 0
-                yield data, order
-                del data, order  # freed before the next window is read
+                a, b = max(begin, at), min(hi, at + n)
+                if a < b:
+                    data = self.load(window)
+                    order = self.window_order(epoch, index, n)[a - at: b - at]
+                    yield data, order
+                    del data, order  # freed before the next window is read
+                at += n
             epoch += 1
 
-    def batches(self, mine=lambda k: True) -> Iterator[torch.Tensor]:
-        """Every batch from `start_row` on; batches k with mine(k) false are skipped without being gathered."""
-        segments = self.segments(self.start_row)
+    def worker_start(self, worker: int) -> int:
+        """Worker `worker`'s position in its own stream (rows) when the rank's sequence starts at `start_row`."""
+        done = self.start_row // self.batch_size  # batches k < done were served, worker k mod W served batch k
+        return max(0, -(-(done - worker) // self.workers)) * self.batch_size
+
+    def worker_batches(self, worker: int) -> Iterator[torch.Tensor]:
+        """Worker `worker`'s batches [N, d] from its `worker_start` on (workers = 1: the rank's whole sequence)."""
+        segments = self.segments(self.worker_start(worker) if self.workers > 1 else self.start_row, worker)
         data = order = None
-        offset, k = 0, 0
+        offset = 0
         while True:
-            parts, need, wanted = [], self.batch_size, mine(k)
+            parts, need = [], self.batch_size
             while need:
                 if order is None or offset == len(order):
                     data = order = None
                     data, order = next(segments)
                     offset = 0
                 take = min(need, len(order) - offset)
-                if wanted:
-                    parts.append(data[order[offset: offset + take]])
+                parts.append(data[order[offset: offset + take]])
                 offset += take
                 need -= take
                 self.max_resident = max(self.max_resident, len(data) + sum(len(p) for p in parts))
-            k += 1
-            if wanted:
-                yield parts[0] if len(parts) == 1 else torch.cat(parts)
+            yield parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def first_worker(self) -> int:
+        """The worker that serves the first batch from `start_row` (DataLoader worker j plays worker first + j)."""
+        return (self.start_row // self.batch_size) % self.workers
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """The rank's batches from `start_row` on, in this process: the workers' batches round-robin."""
+        streams = [self.worker_batches((self.first_worker() + j) % self.workers) for j in range(self.workers)]
+        while True:
+            for stream in streams:
+                yield next(stream)
 
     def first_rows(self, n: int) -> torch.Tensor:
         """The stream's first `n` rows [n, d], or its first epoch's rows if that holds fewer."""
-        out, need = [], min(n, sum(self.window_rows(w) for w in self.windows(0)))
-        for data, order in self.segments(0):
-            take = min(need, len(order))
-            out.append(data[order[:take]])
+        windows = self.windows(0)  # the rank's first epoch, whatever the workers
+        out, need = [], min(n, sum(self.window_rows(w) for w in windows))
+        for index, window in enumerate(windows):
+            rows = self.window_rows(window)
+            take = min(need, rows)
+            out.append(self.load(window)[self.window_order(0, index, rows)[:take]])
             need -= take
             if not need:
                 break
@@ -152,10 +204,17 @@ class CacheStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        for k, rows in enumerate(self.batches(lambda k: k % workers == worker)):
+        if info is None:  # in the training process: the whole sequence
+            loader_worker, batches = 0, self.batches()
+        else:
+            if info.num_workers != self.workers:
+                raise CacheError(f"a cache stream made for {self.workers} DataLoader worker(s) is read by "
+                                 f"{info.num_workers}: make it with workers=num_workers (CacheDataModule does).")
+            loader_worker = info.id
+            batches = self.worker_batches((self.first_worker() + info.id) % self.workers)
+        for k, rows in enumerate(batches):
             batch = {"activations": rows}
-            if k == 0 and worker == 0 and self.init_rows and self.start_row == 0:
+            if k == 0 and loader_worker == 0 and self.init_rows and self.start_row == 0:
                 batch["init_activations"] = self.first_rows(self.init_rows)
             yield batch
 
@@ -224,12 +283,13 @@ class CacheDataModule(LightningDataModule):
     def stream_settings(self) -> dict[str, Any]:
         return {"seed": self.seed, "shuffle": self.shuffle, "block_rows": self.block_rows,
                 "window_blocks": self.window_blocks, "world_size": self._world()[1],
+                "workers": max(1, self.num_workers), "batch_size": self.sae_batch_size,
                 "config_hash": self.manifest["config_hash"], "total_rows": self.manifest["total_rows"]}
 
     def make_stream(self, start_row: int = 0, rank: int = 0, world_size: int = 1) -> CacheStream:
         return CacheStream(self.files, self.rows, self.sae_batch_size, self.block_rows, self.window_blocks,
                            self.shuffle, self.seed, rank, world_size, start_row,
-                           self.buffer_size if start_row == 0 else 0)
+                           self.buffer_size if start_row == 0 else 0, workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._world()
@@ -271,8 +331,10 @@ class CacheDataModule(LightningDataModule):
                              f"{POSITION_VERSION}: written by another version of sae_lightning.")
         self.rows_served = int(state_dict["rows_served"])
         self.activations_seen = int(state_dict.get("activations_seen", self.rows_served))
-        old, new = state_dict.get("stream", {}), self.stream_settings()
-        changed = {k: (old.get(k), new[k]) for k in STREAM_KEYS if old.get(k) != new[k]}
+        old, new = dict(state_dict.get("stream", {})), self.stream_settings()
+        old.setdefault("workers", 1)  # written before workers split the epoch: every count gave this stream
+        keys = STREAM_KEYS + (("batch_size",) if new["workers"] > 1 else ())
+        changed = {k: (old.get(k), new[k]) for k in keys if old.get(k) != new[k]}
         if changed:
             log.warning("Resuming at row %d with a different stream (%s): the batches from here differ from the "
                         "ones the interrupted run would have seen (not an exact resume).", self.rows_served,
@@ -285,9 +347,17 @@ class CacheDataModule(LightningDataModule):
             raise CacheError(problem)
 
 
-def resume_problem(path: Path, manifest: dict[str, Any], ckpt_path: str | Path) -> str | None:
-    """What makes `ckpt_path`'s SAE unfit to continue on the cache at `path` (another d_in, model or layer)."""
+def resume_problem(path: Path, manifest: dict[str, Any], ckpt_path: str | Path, workers: int = 1,
+                   batch_size: int = 1) -> str | None:
+    """What makes `ckpt_path`'s SAE unfit to continue on the cache at `path` (another d_in, model or layer), or
+    its position unfit for `workers` > 1 DataLoader workers (not a whole number of `batch_size` batches)."""
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    position = (state.get(CacheDataModule.__qualname__) or {}).get("rows_served")
+    if workers > 1 and position is not None and int(position) % batch_size:
+        return (f"ckpt_path={str(ckpt_path)!r} stopped at row {int(position)} of the cache stream, which is not a "
+                f"whole number of batches of sae_batch_size={batch_size}: with data.num_workers={workers} the "
+                f"batch sequence is cut per worker in batches, so it cannot be continued exactly. Resume with the "
+                f"sae_batch_size the run was trained with.")
     d_ins = {int(v.shape[0]) for k, v in state.get("state_dict", {}).items() if k.endswith("W_enc")}
     if d_ins and d_ins != {manifest["d_in"]}:
         return (f"ckpt_path={str(ckpt_path)!r} holds an SAE trained on d_in={sorted(d_ins)[0]} activations, but "
@@ -332,7 +402,10 @@ def cache_problems(cfg: Any) -> list[str]:
             ckpt = resolve_checkpoint(cfg, Path(cfg.paths.output_dir))
         except FileNotFoundError:
             ckpt = None  # train() names the missing checkpoint
-        problem = resume_problem(Path(path).expanduser().resolve(), manifest, ckpt) if ckpt else None
+        workers = OmegaConf.select(cfg, "data.num_workers", default=1)
+        batch_size = OmegaConf.select(cfg, "data.sae_batch_size", default=None) or cfg.get("sae_batch_size") or 1
+        problem = resume_problem(Path(path).expanduser().resolve(), manifest, ckpt, workers=int(workers or 1),
+                                 batch_size=int(batch_size)) if ckpt else None
         if problem:
             problems.append(problem)
     return problems
