@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run_dir", help="a train_planted output directory (e.g. outputs/benchmarks/planted/arch/wide/"
                                         "topk)")
     parser.add_argument("--settings", choices=sorted(SETTINGS), default="default")
-    parser.add_argument("--out", default=None, help="default: <run_dir>/../saelens-<arch>-<settings>")
+    parser.add_argument("--out", default=None, help="default: <run_dir>/../saelens-<arch>-<settings>[-<key>=<value>]")
     parser.add_argument("--arch", default=None, help="train this architecture on the run's data instead of the "
                                                      "run's own (its k with --set k=...)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {k: parse_value(v) for k, v in overrides.items()}
     _, run, _ = read_run(run_dir)
     arch = args.arch or run["sae"]
-    out = Path(args.out) if args.out else run_dir.parent / f"saelens-{arch}-{args.settings}"
+    suffix = "".join(f"-{k}={v}" for k, v in overrides.items())  # a sweep's runs never overwrite the table's
+    out = Path(args.out) if args.out else run_dir.parent / f"saelens-{arch}-{args.settings}{suffix}"
     scores = train(run_dir, out, args.settings, overrides, arch)
     mmcs_down = math.floor(scores["mmcs"] * 1e4) / 1e4
     print(" | ".join([run_dir.parent.name, f"SAELens {arch} ({args.settings})",
