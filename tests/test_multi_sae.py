@@ -107,7 +107,7 @@ def test_variants_resolve_with_their_own_knobs_and_bad_entries_fail_before_any_w
     assert "saes.a: layer cannot differ" in message and "saes.b.schedule: checkpoint_every is run-wide" in message
     assert "saes._c: the name becomes a folder" in message
     assert "saes.d.module: ghost_grad is not a knob of the run's module" in message
-    assert "saes.d.sae: k is not a knob of the run's sae (l1_coefficient, mse)" in message
+    assert "saes.d.sae: k is not a knob of the run's sae (l1_coefficient, mse, decoder_norm)" in message
     with pytest.raises(ValueError, match=r"saes.a: (.|\n)*lr=-1.0: must be a finite number"):
         train_cfg(planted(tmp_path, "saes={a:{lr:-1.0}}"))
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "sae").exists()
