@@ -461,7 +461,8 @@ class MultiSAETrainingModule(LightningModule):
     member has stopped does the run stop (TrainingDiverged).
 
     Checkpoints hold every member (state dict `saes.<name>.*`, one optimiser and scheduler state per member
-    in `names` order) and which members stopped; `export_sae(directory)` writes `<directory>/<name>/`.
+    in `names` order), which members stopped and, with resampling, each member's own resampling generator
+    (`sae_lightning_resample_rng`: name -> state); `export_sae(directory)` writes `<directory>/<name>/`.
     """
 
     STOPPED_FILE = "training_stopped.json"
