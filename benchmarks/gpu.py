@@ -263,7 +263,8 @@ measures, with ViT-L/14 built without pretrained weights (same cost as the OpenA
 - the SAE step alone (1024 x 65,536 at batch 1,024 from activations in memory, as from the cache) at
   matmul precision "highest" (fp32) and "high" (TF32), eager and with `module.compile=true`.
 
-`--quick` shrinks the batches and step counts. Add the figures here, with the GPU model, when measured.
+`--quick` shrinks the batches and step counts. Measured on an NVIDIA H200 on 2026-11-26: see "GPU: NVIDIA H200"
+under "Measured separately" below.
 """
 
 
