@@ -315,3 +315,11 @@ def test_standard_tied_init_starts_the_encoder_as_the_decoders_transpose():
     assert torch.equal(tied.W_enc, tied.W_dec.T)
     assert torch.allclose(tied.W_dec.norm(dim=-1), torch.ones(24))
     assert not torch.allclose(seed.W_enc, seed.W_dec.T)  # the seed's: independent Kaiming-uniform encoder
+
+
+@pytest.mark.parametrize("cls", [GatedSAE, JumpReLUSAE])
+def test_gated_and_jumprelu_take_the_tied_init(cls):
+    torch.manual_seed(0)
+    tied, untied = cls(8, 24, tied_init=True), cls(8, 24)
+    assert torch.equal(tied.W_enc, tied.W_dec.T)
+    assert not torch.allclose(untied.W_enc, untied.W_dec.T)

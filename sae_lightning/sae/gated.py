@@ -28,8 +28,10 @@ class GatedSAE(SparseAutoencoder):
     architecture = "gated"
 
     def __init__(self, d_in: int, d_sae: int, *, l1_coefficient: float = 8e-5, mse: str = "normalised",
-                 metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
-        super().__init__(d_in, d_sae, l1_coefficient=l1_coefficient, mse=mse, metadata=metadata, dtype=dtype)
+                 tied_init: bool = False, metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
+        """`tied_init`: start W_enc as W_dec^T (SAELens's initialisation), as for the standard SAE."""
+        super().__init__(d_in, d_sae, l1_coefficient=l1_coefficient, mse=mse, tied_init=tied_init, metadata=metadata,
+                         dtype=dtype)
         del self.b_enc  # the gated encoder has b_gate and b_mag instead
         self.b_gate = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         self.b_mag = nn.Parameter(torch.zeros(d_sae, dtype=dtype))

@@ -28,9 +28,10 @@ class JumpReLUSAE(SparseAutoencoder):
     architecture = "jumprelu"
 
     def __init__(self, d_in: int, d_sae: int, *, l0_coefficient: float = 1e-3, bandwidth: float = 1e-3,
-                 init_threshold: float = 1e-3, mse: str = "plain", metadata: dict[str, Any] | None = None,
-                 dtype: torch.dtype = torch.float32):
-        super().__init__(d_in, d_sae, l1_coefficient=0.0, mse=mse, metadata=metadata, dtype=dtype)
+                 init_threshold: float = 1e-3, mse: str = "plain", tied_init: bool = False,
+                 metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
+        """`tied_init`: start W_enc as W_dec^T (SAELens's initialisation), as for the standard SAE."""
+        super().__init__(d_in, d_sae, l1_coefficient=0.0, mse=mse, tied_init=tied_init, metadata=metadata, dtype=dtype)
         if bandwidth <= 0 or init_threshold <= 0:
             raise ValueError(f"bandwidth and init_threshold must be positive, got {bandwidth} and {init_threshold}")
         self.l0_coefficient, self.bandwidth = float(l0_coefficient), float(bandwidth)
