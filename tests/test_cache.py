@@ -203,6 +203,27 @@ def test_a_full_disk_keeps_the_manifest_and_complete_files_and_the_rerun_resumes
     assert read_manifest(directory)["complete"]
 
 
+def test_a_full_disk_is_reported_even_when_a_stop_signal_arrives_at_once(tmp_path, data_dir, tiny_shards,
+                                                                         monkeypatch):
+    """SIGTERM lands while the disk fills: the user must still hear "Is the disk full?" (the old code swallowed
+    the error as if a worker had died of the signal, and exited as a clean stop)."""
+    from sae_lightning.data.cache_write import CacheWriteError
+
+    directory = tmp_path / "c"
+    writer = CacheWriter(cache_config(directory, data_dir, tiny_shards))
+    write_bytes = Path.write_bytes
+
+    def full_disk_and_sigterm(self, data):
+        if self.parent == directory and self.name.endswith(".safetensors.tmp"):
+            writer.stop.name = "SIGTERM"
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_disk_and_sigterm)
+    with pytest.raises(CacheWriteError, match=r"Is the disk full\? The manifest and the 0 complete file"):
+        writer.run()
+
+
 def test_undecodable_samples_are_counted_once_across_a_resume(tmp_path, data_dir, tiny_shards):
     """One shard with a broken image in its first file: skipped and counted, and a run stopped after that
     file then resumed writes the same bytes and counts it once."""
@@ -537,6 +558,11 @@ def test_with_two_loader_workers_an_interrupted_run_resumes_exactly(tmp_path, wr
     with pytest.raises(ValueError, match=r"stopped at row 1152 .* not a whole number of batches of "
                                          r"sae_batch_size=40: with data.num_workers=2"):
         train(train_config(stopped, written_cache, [*workers, "sae_batch_size=40", "max_steps=30", "ckpt_path=last"]))
+    # another worker count would repeat some rows of the current epoch and skip others: refused before any work
+    for other in ("data.num_workers=0", "data.num_workers=3"):
+        with pytest.raises(ValueError, match=r"stopped at row 1152 of the cache stream as read by "
+                                             r"data.num_workers=2 .* Resume with data.num_workers=2"):
+            train(train_config(stopped, written_cache, [other, "max_steps=30", "ckpt_path=last"]))
     assert (stopped / "checkpoints" / "last.ckpt").read_bytes() == before
 
 

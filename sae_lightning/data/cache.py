@@ -352,7 +352,16 @@ def resume_problem(path: Path, manifest: dict[str, Any], ckpt_path: str | Path, 
     """What makes `ckpt_path`'s SAE unfit to continue on the cache at `path` (another d_in, model or layer), or
     its position unfit for `workers` > 1 DataLoader workers (not a whole number of `batch_size` batches)."""
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    position = (state.get(CacheDataModule.__qualname__) or {}).get("rows_served")
+    saved = state.get(CacheDataModule.__qualname__) or {}
+    position = saved.get("rows_served")
+    # each of W workers reads its own piece of every epoch: resumed mid-stream with another W, the rest of the
+    # epoch would serve some rows twice and others never (a checkpoint without "workers" read as one worker)
+    old_workers = int((saved.get("stream") or {}).get("workers", 1))
+    if position and old_workers != max(1, workers):
+        return (f"ckpt_path={str(ckpt_path)!r} stopped at row {int(position)} of the cache stream as read by "
+                f"data.num_workers={old_workers} (0 and 1 read alike); each worker reads its own part of every "
+                f"epoch, so with data.num_workers={workers} the rest of this epoch would repeat some rows and skip "
+                f"others. Resume with data.num_workers={old_workers}.")
     if workers > 1 and position is not None and int(position) % batch_size:
         return (f"ckpt_path={str(ckpt_path)!r} stopped at row {int(position)} of the cache stream, which is not a "
                 f"whole number of batches of sae_batch_size={batch_size}: with data.num_workers={workers} the "

@@ -318,13 +318,13 @@ class CacheWriter:
 
     def _write_failed(self, what: str, path: Path, err: OSError) -> CacheWriteError:
         try:  # what the manifest on disk (the old one, when its rewrite is what failed) lists
-            kept = len(read_manifest(self.directory, what="cache.dir")["shards"])
+            listed = len(read_manifest(self.directory, what="cache.dir")["shards"])
+            kept = f"The manifest and the {listed} complete file(s) it lists are intact"
         except CacheError:
-            kept = 0
+            kept = "No manifest was written yet"
         return CacheWriteError(err.errno, f"Could not write {what} {path} ({err.strerror or err}). Is the disk "
-                                          f"full? The manifest and the {kept} complete file(s) it lists are intact "
-                                          f"and nothing half-written was kept; free space and rerun the same "
-                                          f"command: the cache resumes where it stopped.")
+                                          f"full? {kept} and nothing half-written was kept; free space and rerun "
+                                          f"the same command: the cache resumes where it stopped.")
 
     def _save_manifest(self) -> None:
         """Atomically rewrite the manifest (the old one stays whole if the write fails: CacheWriteError)."""
@@ -377,6 +377,8 @@ class CacheWriter:
                     bar.set_postfix(rows=manifest["total_rows"], files=len(manifest["shards"]), refresh=False)
                     if stop.name:
                         break
+            except CacheWriteError:
+                raise  # a full disk is what the user must hear about, even when a stop signal came at once
             except Exception:
                 if not stop.name:  # a worker killed by the same Ctrl-C: the stop is what matters
                     raise
