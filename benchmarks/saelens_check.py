@@ -26,6 +26,7 @@ from sae_lightning.sae import (
 
 CASES = {
     "standard": lambda: SparseAutoencoder(32, 128),
+    "standard, decoder_norm=free": lambda: SparseAutoencoder(32, 128, decoder_norm="free"),
     "topk": lambda: TopKSAE(32, 128, k=8),
     "batchtopk": lambda: BatchTopKSAE(32, 128, k=8),
     "matryoshka_batchtopk": lambda: MatryoshkaBatchTopKSAE(32, 128, k=8),
@@ -47,6 +48,8 @@ def main() -> None:
         with torch.no_grad():
             for p in sae.parameters():
                 p.add_(0.05 * torch.randn_like(p))
+            if getattr(sae, "decoder_norm", "unit") == "free":
+                sae.W_dec.mul_(torch.rand(sae.d_sae, 1) * 2)  # rows of any norm
         if isinstance(sae, BatchTopKSAE):
             for _ in range(5):
                 sae.loss(x)
