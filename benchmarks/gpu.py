@@ -129,6 +129,27 @@ def forward_images_per_second(backbone: Backbone, plan: GpuPlan, dtype: torch.dt
     return plan.forward_batch / timed(forward, plan.forward_repeats)
 
 
+def fitted_steps_per_second(module: SAETrainingModule, datamodule, steps: int, warmup: int, work: Path,
+                            name: str) -> float:
+    """SAE steps/s of a quiet Lightning fit of `module` on `datamodule`, the first `warmup` steps not timed."""
+    clock = StepClock()
+    trainer = L.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1,
+                        max_steps=warmup + steps, max_epochs=-1,
+                        logger=TensorBoardLogger(work, name=name), log_every_n_steps=10,
+                        callbacks=[DensityHistogramCallback(), clock], enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        trainer.fit(module, datamodule=datamodule)
+    return clock.step_rates(warmup)[0]
+
+
+def seed_sae(width: int, plan: GpuPlan) -> SparseAutoencoder:
+    torch.manual_seed(0)
+    return SparseAutoencoder(width, plan.expansion * width, l1_coefficient=8e-5)
+
+
 def seed_steps_per_second(backbone: Backbone, plan: GpuPlan, autocast: str, shards: list[str],
                           work: Path) -> float:
     """End-to-end SAE steps/s of the seed configuration: shards -> workers -> backbone -> buffer -> SAE."""
@@ -136,19 +157,8 @@ def seed_steps_per_second(backbone: Backbone, plan: GpuPlan, autocast: str, shar
                                            sae_batch_size=plan.sae_batch, buffer_size=plan.buffer_size,
                                            num_workers=min(8, os.cpu_count() or 1), shuffle=1000,
                                            autocast=autocast, pin_memory=DEVICE == "cuda")
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(backbone.width, plan.expansion * backbone.width, l1_coefficient=8e-5)
-    clock = StepClock()
-    trainer = L.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1,
-                        max_steps=plan.warmup + plan.steps, max_epochs=-1,
-                        logger=TensorBoardLogger(work, name="seed"), log_every_n_steps=10,
-                        callbacks=[DensityHistogramCallback(), clock], enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        trainer.fit(SAETrainingModule(sae), datamodule=datamodule)
-    return clock.step_rates(plan.warmup)[0]
+    module = SAETrainingModule(seed_sae(backbone.width, plan))
+    return fitted_steps_per_second(module, datamodule, plan.steps, plan.warmup, work, "seed")
 
 
 def sae_alone_steps_per_second(width: int, plan: GpuPlan, compile: bool, work: Path) -> float:
@@ -156,19 +166,9 @@ def sae_alone_steps_per_second(width: int, plan: GpuPlan, compile: bool, work: P
     n_rows = (4 + plan.sae_alone_warmup + plan.sae_alone_steps + 2) * plan.sae_batch
     rows = torch.randn(n_rows, width, generator=torch.Generator().manual_seed(0)) + 1.0
     datamodule = ActivationsDataModule(rows, sae_batch_size=plan.sae_batch, buffer_size=4 * plan.sae_batch)
-    torch.manual_seed(0)
-    sae = SparseAutoencoder(width, plan.expansion * width, l1_coefficient=8e-5)
-    clock = StepClock()
-    trainer = L.Trainer(accelerator="gpu" if DEVICE == "cuda" else "cpu", devices=1,
-                        max_steps=plan.sae_alone_warmup + plan.sae_alone_steps, max_epochs=-1,
-                        logger=TensorBoardLogger(work, name="sae_alone"), log_every_n_steps=10,
-                        callbacks=[DensityHistogramCallback(), clock], enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    sink = io.StringIO()
-    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-        trainer.fit(SAETrainingModule(sae, compile=compile), datamodule=datamodule)
-    return clock.step_rates(plan.sae_alone_warmup)[0]
+    module = SAETrainingModule(seed_sae(width, plan), compile=compile)
+    return fitted_steps_per_second(module, datamodule, plan.sae_alone_steps, plan.sae_alone_warmup, work,
+                                   "sae_alone")
 
 
 def sae_alone_rows(width: int, plan: GpuPlan, rates: dict[str, float], work: Path) -> list[list]:
