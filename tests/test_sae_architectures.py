@@ -164,6 +164,45 @@ def test_gated_encode_and_loss_by_hand():
     assert sae.b_gate.grad.abs().sum() > 0
 
 
+def test_gated_aux_trains_decoder_gives_the_aux_gradient_to_w_dec_and_b_dec_by_hand():
+    """SAELens's gated loss: the gate reconstruction g W_dec + b_dec is not stop-gradient'ed. With x = [3, 1] and
+    the hand weights above, g = ReLU(gate pre) = [2, 0, 5, 1], via_gate = [6.8, 3.4], residual r = via_gate - x =
+    [3.8, 2.4]; aux = mean(r^2) over d = 2 -> d aux / d via_gate = r, so d/d b_dec (the path through the
+    decoder bias only, besides the one through x_c that both variants share) = r and d/d W_dec[i] = g_i r."""
+    weights = dict(W_enc=HAND["W_enc"], b_dec=HAND["b_dec"], W_dec=HAND["W_dec"], b_gate=[0.0, -2.0, 0.0, 2.0],
+                   b_mag=[1.0, 0.0, -1.0, 0.0], r_mag=[0.0, math.log(2.0), 0.0, 0.0])
+    g = torch.tensor([2.0, 0.0, 5.0, 1.0])
+    r = torch.tensor([3.8, 2.4])
+    trains = set_weights(GatedSAE(2, 4, mse="plain", aux_trains_decoder=True), **weights)
+    paper = set_weights(GatedSAE(2, 4, mse="plain"), **weights)
+    grads = {}
+    for name, sae in (("trains", trains), ("paper", paper)):
+        out = sae.loss(X)
+        assert out.ghost.item() == pytest.approx((r ** 2).mean().item())  # the same value either way
+        out.ghost.backward()
+        grads[name] = {k: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                       for k, p in sae.named_parameters()}
+    assert torch.allclose(grads["trains"]["W_dec"], g[:, None] * r[None, :])
+    assert torch.all(grads["paper"]["W_dec"] == 0)
+    # b_dec also centres x in pi_gate (a path both share); the difference is the decoder-bias path, r
+    assert torch.allclose(grads["trains"]["b_dec"] - grads["paper"]["b_dec"], r)
+    for k in ("W_enc", "b_gate"):  # the gate's gradient is the same in both
+        assert torch.allclose(grads["trains"][k], grads["paper"][k])
+        assert grads["trains"][k].abs().sum() > 0
+    for k in ("b_mag", "r_mag"):  # the magnitude path is not in the aux term
+        assert torch.all(grads["trains"][k] == 0)
+
+
+def test_gated_aux_trains_decoder_is_exported_and_loaded_back_only_when_on(tmp_path):
+    torch.manual_seed(0)
+    loaded, cfg = saved_and_loaded(GatedSAE(8, 32, aux_trains_decoder=True), tmp_path / "on")
+    assert cfg["aux_trains_decoder"] is True and loaded.aux_trains_decoder is True
+    loaded, cfg = saved_and_loaded(GatedSAE(8, 32), tmp_path / "off")
+    assert "aux_trains_decoder" not in cfg and loaded.aux_trains_decoder is False  # the paper's exports unchanged
+    with pytest.raises(ValueError, match="aux_trains_decoder must be true or false"):
+        GatedSAE(8, 32, aux_trains_decoder="yes")
+
+
 def auxk_reference(x, x_hat, pre, W_dec, dead, k_aux):
     """Gao et al.'s AuxK written as plain loops: per row, the k_aux dead features with the largest
     pre-activations reconstruct the residual; squared error summed over d, averaged over rows; scaled by

@@ -23,15 +23,24 @@ class GatedSAE(SparseAutoencoder):
     Loss (paper eq. 6-8): mse(x_hat, x) + l1_coefficient * mean_n sum_i ReLU(pi_gate)_ni ||W_dec[i]||
     + mse(ReLU(pi_gate) sg(W_dec) + sg(b_dec), x) (the auxiliary reconstruction through frozen decoder copies,
     which trains the gate). `hidden_pre` in the output is pi_mag.
+
+    `aux_trains_decoder=True` drops the stop-gradients (SAELens's GatedTrainingSAE: its auxiliary
+    reconstruction ReLU(pi_gate) W_dec + b_dec also trains W_dec and b_dec); the default False is the paper's.
     """
 
     architecture = "gated"
 
     def __init__(self, d_in: int, d_sae: int, *, l1_coefficient: float = 8e-5, mse: str = "normalised",
-                 tied_init: bool = False, metadata: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32):
-        """`tied_init`: start W_enc as W_dec^T (SAELens's initialisation), as for the standard SAE."""
+                 tied_init: bool = False, aux_trains_decoder: bool = False, metadata: dict[str, Any] | None = None,
+                 dtype: torch.dtype = torch.float32):
+        """`tied_init`: start W_enc as W_dec^T (SAELens's initialisation), as for the standard SAE.
+        `aux_trains_decoder`: let the auxiliary gate reconstruction's gradient reach W_dec and b_dec (SAELens)
+        instead of stopping it there (the paper)."""
+        if not isinstance(aux_trains_decoder, bool):
+            raise ValueError(f"aux_trains_decoder must be true or false, got {aux_trains_decoder!r}")
         super().__init__(d_in, d_sae, l1_coefficient=l1_coefficient, mse=mse, tied_init=tied_init, metadata=metadata,
                          dtype=dtype)
+        self.aux_trains_decoder = aux_trains_decoder
         del self.b_enc  # the gated encoder has b_gate and b_mag instead
         self.b_gate = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
         self.b_mag = nn.Parameter(torch.zeros(d_sae, dtype=dtype))
@@ -60,6 +69,25 @@ class GatedSAE(SparseAutoencoder):
         mse = F_sae.mse_elementwise(x_hat, x, normalised=normalised).mean()
         gate = torch.relu(pi_gate)
         l1 = (gate * self.W_dec.norm(dim=-1)).sum(-1).mean()
-        via_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
+        if self.aux_trains_decoder:
+            via_gate = gate @ self.W_dec + self.b_dec
+        else:
+            via_gate = gate @ self.W_dec.detach() + self.b_dec.detach()
         aux = F_sae.mse_elementwise(via_gate, x, normalised=normalised).mean()
         return SAEOutput(mse + self.l1_coefficient * l1 + aux, mse, l1, aux, feature_acts, x_hat, pi_mag)
+
+    def config_fields(self) -> dict[str, Any]:
+        """The base fields, plus `aux_trains_decoder` when true (the paper's default keeps exports as they were)."""
+        fields = super().config_fields()
+        if self.aux_trains_decoder:
+            fields["aux_trains_decoder"] = True
+        return fields
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any], tensors: dict[str, torch.Tensor]) -> "GatedSAE":
+        """The gated SAE a cfg.json and its tensors describe (`aux_trains_decoder` only matters for training)."""
+        sae = cls(int(cfg["d_in"]), int(cfg["d_sae"]), l1_coefficient=float(cfg.get("l1_coefficient", 0.0)),
+                  mse=cfg.get("mse", "normalised"), aux_trains_decoder=bool(cfg.get("aux_trains_decoder", False)),
+                  metadata=cfg.get("metadata", {}), dtype=tensors["W_enc"].dtype)
+        sae.load_state_dict(tensors)
+        return sae
