@@ -45,7 +45,8 @@ ARCH_KNOBS = {  # planted data: about 5 active features per sample, feature magn
     "topk": {"k": 6},
     "batchtopk": {"k": 5},
     "jumprelu": {"l0_coefficient": 3e-4, "bandwidth": 0.05, "init_threshold": 0.1},
-    "gated": {"tied_init": True},  # l1: GATED_L1_RATIO x the variant's standard l1 (1e-3 default/wide, 1.25e-4 vit)
+    # conf/sae/gated.yaml's defaults; l1: GATED_L1_RATIO x the variant's standard l1 (1e-3 default/wide, 1.25e-4 vit)
+    "gated": {"tied_init": True, "aux_trains_decoder": True},
     "matryoshka_batchtopk": {"k": 5, "prefixes": [0.0625, 0.25]},
 }
 # Gated's l1 scales with the activation norm as the standard SAE's does (the normalised mse divides by ||x||):
