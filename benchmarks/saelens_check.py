@@ -32,6 +32,7 @@ CASES = {
     "matryoshka_batchtopk": lambda: MatryoshkaBatchTopKSAE(32, 128, k=8),
     "jumprelu": lambda: JumpReLUSAE(32, 128, init_threshold=0.3),
     "gated": lambda: GatedSAE(32, 128),
+    "gated, aux_trains_decoder (conf's default)": lambda: GatedSAE(32, 128, tied_init=True, aux_trains_decoder=True),
 }
 
 
