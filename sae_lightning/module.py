@@ -201,7 +201,7 @@ class SAETrainingModule(LightningModule):
 
     def forward_loss(self, x: torch.Tensor) -> Any:
         """Renormalise the decoder rows, then the SAE's loss on x [N, d] (with the dead-feature mask)."""
-        if getattr(self.sae, "unit_decoder_rows", True):
+        if self.sae.unit_decoder_rows:
             F_sae.normalise_decoder_rows(self.sae.W_dec)
         return (self._compiled_loss or self.sae.loss)(x, dead_mask=self.dead_mask())
 
@@ -209,7 +209,7 @@ class SAETrainingModule(LightningModule):
         """After backward: project the decoder gradient, Adam (skipped on the device when non-finite), warm-up
         schedule, dead-feature counters. `force_skip`: change nothing (a stopped member of a multi-SAE run)."""
         optimizer, scheduler = self._optimizer(), self._scheduler()
-        if getattr(self.sae, "unit_decoder_rows", True):
+        if self.sae.unit_decoder_rows:
             F_sae.remove_parallel_gradient(self.sae.W_dec)
         skip = self._non_finite(out.total.detach())
         if self.hparams.get("grad_clip_norm") is not None:  # after the check: a non-finite step is skipped anyway

@@ -68,7 +68,7 @@ class GatedSAE(SparseAutoencoder):
         normalised = self.mse_kind == "normalised"
         mse = F_sae.mse_elementwise(x_hat, x, normalised=normalised).mean()
         gate = torch.relu(pi_gate)
-        l1 = (gate * self.W_dec.norm(dim=-1)).sum(-1).mean()
+        l1 = F_sae.decoder_weighted_l1(gate, self.W_dec)  # gate >= 0: sum_i gate_i ||W_dec[i]||, batch mean
         if self.aux_trains_decoder:
             via_gate = gate @ self.W_dec + self.b_dec
         else:
