@@ -24,7 +24,7 @@ from benchmarks.report import Section, table
 from benchmarks.timing import Mark, StepClock
 from sae_lightning.callbacks import DensityHistogramCallback
 from sae_lightning.data.activations import ActivationsDataModule
-from sae_lightning.module import SAETrainingModule, linear_warmup
+from sae_lightning.module import SAETrainingModule, lr_schedule
 from sae_lightning.sae import SparseAutoencoder
 from sae_lightning.sae import functional as F_sae
 
@@ -66,7 +66,7 @@ def bare_loop(case: StepCase, data: torch.Tensor) -> tuple[float, float]:
     """(tokens per wall second, per CPU second) of the hand-written loop, after `warmup` steps."""
     sae = new_sae(case)
     optimizer = torch.optim.Adam(sae.parameters(), lr=LR)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(LR_WARMUP))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(LR_WARMUP))
     steps_since_fired = torch.zeros(case.d_sae, dtype=torch.long)
     sae.b_dec.data.copy_(F_sae.geometric_median(data[: 4 * case.batch]))
     start = Mark.now()

@@ -55,7 +55,8 @@ SETTINGS = {
     "tuned": {"lr": 3e-3, "lr_warm_up_steps": 100, "dead_feature_window": 64, "feature_sampling_window": 2000,
               "b_dec_init": "mean"},
 }
-TRAINER_FIELDS = ("lr", "lr_warm_up_steps", "dead_feature_window", "feature_sampling_window", "b_dec_init")
+TRAINER_FIELDS = ("lr", "lr_warm_up_steps", "lr_decay_steps", "dead_feature_window", "feature_sampling_window",
+                  "b_dec_init")
 
 
 def read_run(directory: Path) -> tuple[PlantedFeatures, dict, dict[str, str]]:
@@ -143,7 +144,8 @@ def train(run_dir: Path, out: Path, settings: str, overrides: dict, arch: str | 
         n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=steps * batch,
         device="cpu", autocast=False, lr=trainer_settings["lr"], lr_end=trainer_settings["lr"],
         lr_scheduler_name="constant", lr_warm_up_steps=trainer_settings["lr_warm_up_steps"], adam_beta1=0.9,
-        adam_beta2=0.999, lr_decay_steps=0, n_restart_cycles=1, train_batch_size_samples=batch,
+        adam_beta2=0.999, lr_decay_steps=trainer_settings.get("lr_decay_steps", 0), n_restart_cycles=1,
+        train_batch_size_samples=batch,
         dead_feature_window=trainer_settings["dead_feature_window"],
         feature_sampling_window=trainer_settings["feature_sampling_window"],
         logger=LoggingConfig(log_to_wandb=False, eval_every_n_wandb_logs=2**31 - 1), n_batches_for_norm_estimate=100)

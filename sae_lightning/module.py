@@ -38,9 +38,21 @@ RESUME_ADVICE = ("The last checkpoint holds the state before this happened: lowe
                  "resume with ckpt_path=<run>/checkpoints/last.ckpt.")
 
 
-def linear_warmup(warmup_steps: int):
-    """LambdaLR factor: linear from 1/warmup to 1 over `warmup_steps` steps, then constant."""
-    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+def lr_schedule(warmup_steps: int, decay_steps: int = 0, total_steps: int = 0):
+    """LambdaLR factor of step s (0-based): linear from 1/warmup to 1 over `warmup_steps` steps, constant, and
+    with `decay_steps` > 0 linear down to 0 over the last `decay_steps` of `total_steps` steps: the final step
+    runs at 1/decay_steps of the lr (SAELens's `lr_decay_steps` with lr_end = lr; Anthropic's SAE update of
+    April 2024 decays over the last 20%). Hand-written because it is one line of arithmetic that checkpoints
+    restore through LambdaLR's step count, where chaining torch's LinearLR schedulers needs the milestones.
+    """
+    if decay_steps > 0 and warmup_steps + decay_steps > total_steps:
+        raise ValueError(f"the lr warm-up ({warmup_steps} steps) and decay ({decay_steps} steps) must fit in the "
+                         f"run's {total_steps} steps: lower schedule.lr_warmup or schedule.lr_decay")
+
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+        return warm * min(1.0, max(total_steps - step, 0) / decay_steps) if decay_steps > 0 else warm
+    return factor
 
 
 class TrainingDiverged(FloatingPointError):
@@ -54,7 +66,9 @@ class SAETrainingModule(LightningModule):
     ghost grads for the standard SAE, AuxK for TopK, BatchTopK and Matryoshka (JumpReLU and Gated ignore it).
 
     The schedule arguments are in optimiser steps; `train.py` derives them from the config's `schedule`
-    (in activations seen) for the run's batch size and number of devices.
+    (in activations seen) for the run's batch size and number of devices. `lr_decay_steps` > 0: the lr falls
+    linearly to 0 over the last `lr_decay_steps` of `total_steps` (None: the trainer's `max_steps`), see
+    `lr_schedule`; 0 (the seed's schedule): constant after the warm-up.
     `divergence_explained_variance`: a logged step whose centred explained variance is below this value
     (a reconstruction error more than 1 - value times the variance of the inputs) stops the run.
     `compile`: run the SAE's loss through torch.compile.
@@ -71,6 +85,7 @@ class SAETrainingModule(LightningModule):
     """
 
     def __init__(self, sae: SparseAutoencoder, lr: float = 4e-4, lr_warmup_steps: int = 500,
+                 lr_decay_steps: int = 0, total_steps: int | None = None,
                  adam_betas: tuple[float, float] = (0.9, 0.999), ghost_grads: bool = True,
                  dead_feature_window: int = 64, feature_sampling_window: int = 500,
                  b_dec_init: str = "geometric_median", normalize_activations: str = "none",
@@ -82,6 +97,8 @@ class SAETrainingModule(LightningModule):
             raise ValueError(f"b_dec_init must be one of {B_DEC_INITS}, got {b_dec_init!r}")
         if normalize_activations not in NORMALISATIONS:
             raise ValueError(f"normalize_activations must be one of {NORMALISATIONS}, got {normalize_activations!r}")
+        if lr_decay_steps > 0 and total_steps is not None:
+            lr_schedule(lr_warmup_steps, lr_decay_steps, total_steps)  # refuses a decay that does not fit
         self.save_hyperparameters(ignore=["sae"], logger=False)  # train.py logs the whole config instead
         self.automatic_optimization = False
         self.sae = sae
@@ -118,7 +135,11 @@ class SAETrainingModule(LightningModule):
         # fused: one kernel per step, and it honours `found_inf` on the device (a skipped step changes nothing)
         optimizer = torch.optim.Adam(self.sae.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.adam_betas),
                                      fused=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_warmup(self.hparams.lr_warmup_steps))
+        total = self.hparams.total_steps
+        if total is None and self.hparams.lr_decay_steps > 0:
+            total = self.trainer.max_steps  # a module built by hand: the trainer's step count ends the decay
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_schedule(self.hparams.lr_warmup_steps, self.hparams.lr_decay_steps, total or 0))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _distributed(self) -> bool:

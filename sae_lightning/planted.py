@@ -175,6 +175,7 @@ class PlantedRun:
     mse: str = "normalised"
     lr: float = 3e-3
     lr_warmup_steps: int = 100
+    lr_decay_steps: int = 0  # linear lr decay to 0 over the last this many steps (SAELens: lr_decay_steps)
     steps: int = 2000
     sae_batch_size: int = 128
     buffer_size: int = 4096
@@ -215,7 +216,8 @@ def train_planted(run: PlantedRun, out_dir: str | Path | None = None) -> tuple[S
     train_x = planted.sample(run.n_train, torch.Generator().manual_seed(run.seed + 1))
     torch.manual_seed(run.seed)
     sae = run.build_sae()
-    module = SAETrainingModule(sae, lr=run.lr, lr_warmup_steps=run.lr_warmup_steps, ghost_grads=run.ghost_grads,
+    module = SAETrainingModule(sae, lr=run.lr, lr_warmup_steps=run.lr_warmup_steps,
+                               lr_decay_steps=run.lr_decay_steps, total_steps=run.steps, ghost_grads=run.ghost_grads,
                                dead_feature_window=run.dead_feature_window,
                                feature_sampling_window=run.feature_sampling_window or run.steps,
                                b_dec_init=run.b_dec_init, resample_dead=run.resample_dead,

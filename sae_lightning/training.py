@@ -40,7 +40,7 @@ RUN_ARTEFACTS = ("checkpoints", "sae", "tensorboard")
 SIGNAL_EXIT_CODES = {"SIGTERM": 143, "SIGINT": 130}  # 128 + the signal number, as a shell reports it
 # What one entry of `saes:` may set (docs/training.md, "Many SAEs per pass"): the rest is the run's, shared.
 VARIANT_KEYS = ("sae", "module", "l1_coefficient", "lr", "expansion", "schedule")
-VARIANT_SCHEDULE_KEYS = ("lr_warmup", "dead_feature_window", "feature_sampling_window")
+VARIANT_SCHEDULE_KEYS = ("lr_warmup", "lr_decay", "dead_feature_window", "feature_sampling_window")
 VARIANT_SEMANTIC_KEYS = ("expansion", "sae._target_", "sae.mse", "module.normalize_activations")
 SAE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,99}$")
 
@@ -48,7 +48,7 @@ SAE_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]{0,99}$")
 def sae_variants(cfg: DictConfig) -> dict[str, DictConfig] | None:
     """The SAEs of a multi-SAE run (`saes:`), each as the full config a single run would have; None if none.
 
-    An entry overrides the run's `l1_coefficient`, `lr`, `expansion`, `module.*`, `schedule.lr_warmup`,
+    An entry overrides the run's `l1_coefficient`, `lr`, `expansion`, `module.*`, `schedule.lr_warmup`, `lr_decay`,
     `schedule.dead_feature_window`, `schedule.feature_sampling_window` and `sae`: an `sae` node with a
     `_target_` is a whole SAE config (an architecture from conf/sae/, composed into the entry with
     `- /sae@saes.<name>.sae: topk` in an experiment's defaults list), without one it overrides knobs of
@@ -161,13 +161,13 @@ def total_steps(cfg: DictConfig, tokens_per_image: int, world_size: int = 1) -> 
 def schedule_steps(schedule: DictConfig | dict, activations_per_step: int) -> dict[str, int]:
     """The config's `schedule` (in activations seen) in optimiser steps of `activations_per_step` activations.
 
-    Rounded to the nearest step; every interval is at least one step (a warm-up of 0 stays 0), so 1 or 8
+    Rounded to the nearest step; every interval is at least one step (a warm-up or decay of 0 stays 0), so 1 or 8
     devices, or another sae_batch_size, follow the same schedule per activation.
     """
     steps = {}
     for name, activations in dict(schedule).items():
         n = round(int(activations) / activations_per_step)
-        steps[name] = n if name == "lr_warmup" else max(1, n)
+        steps[name] = n if name in ("lr_warmup", "lr_decay") else max(1, n)
     return steps
 
 
@@ -404,7 +404,12 @@ def train(cfg: DictConfig) -> Path:
 
     activations_per_step = cfg.sae_batch_size * trainer.world_size
     schedule = schedule_steps(cfg.schedule, activations_per_step)
+    steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1), trainer.world_size)
+    from sae_lightning.module import lr_schedule
+
+    lr_schedule(schedule["lr_warmup"], schedule.get("lr_decay", 0), steps)  # refuses a decay that does not fit
     module = instantiate(cfg.module, sae=sae, lr_warmup_steps=schedule["lr_warmup"],
+                         lr_decay_steps=schedule.get("lr_decay", 0), total_steps=steps,
                          dead_feature_window=schedule["dead_feature_window"],
                          feature_sampling_window=schedule["feature_sampling_window"], _convert_="all")
     module.run_config = plain_config
@@ -415,16 +420,15 @@ def train(cfg: DictConfig) -> Path:
             callback.every_n_steps = schedule["contrastive_every"]
         if isinstance(callback, ExportSAECallback) and ckpt is not None:
             callback.pending_files[output_dir / RESOLVED_CONFIG] = resolved_text  # with the first new step
-    steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1), trainer.world_size)
     trainer.fit_loop.epoch_loop.max_steps = steps
 
     source = f"{backbone.name} layer {datamodule.layer} ({datamodule.tokens} tokens)" if backbone else "activations"
     log.info("Training a %d x %d SAE on %s for %d steps of %d activations; outputs in %s", d_in, sae.d_sae, source,
              steps, activations_per_step, output_dir)
-    log.info("Schedule in steps (from activations seen): warm-up %d, dead-feature window %d, density window %d, "
-             "checkpoint every %d, contrastive loss every %d.", schedule["lr_warmup"],
-             schedule["dead_feature_window"], schedule["feature_sampling_window"], schedule["checkpoint_every"],
-             schedule["contrastive_every"])
+    log.info("Schedule in steps (from activations seen): warm-up %d, lr decay over the last %d, dead-feature "
+             "window %d, density window %d, checkpoint every %d, contrastive loss every %d.", schedule["lr_warmup"],
+             schedule.get("lr_decay", 0), schedule["dead_feature_window"], schedule["feature_sampling_window"],
+             schedule["checkpoint_every"], schedule["contrastive_every"])
     if ckpt is not None:
         log.info("Resuming %s from step %d%s", output_dir, resume_step,
                  "".join(f"\n  changed: {k}: {a!r} -> {b!r}" for k, (a, b) in knob_changes.items()))
@@ -453,7 +457,7 @@ def _train_many(cfg: DictConfig, variants: dict[str, DictConfig], output_dir: Pa
     Each SAE is initialised from the same random state a single run of its config would use (so each
     equals that single run), then gets its own module, schedule, TensorBoard run and export folder.
     """
-    from sae_lightning.module import MultiSAETrainingModule
+    from sae_lightning.module import MultiSAETrainingModule, lr_schedule
 
     record = record_saes(cfg, variants)
     resolved_text = OmegaConf.to_yaml(OmegaConf.create(record))
@@ -484,9 +488,15 @@ def _train_many(cfg: DictConfig, variants: dict[str, DictConfig], output_dir: Pa
 
     activations_per_step = cfg.sae_batch_size * trainer.world_size
     members, schedules = {}, {}
+    steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1), trainer.world_size)
     for name, variant in variants.items():
         schedules[name] = schedule = schedule_steps(variant.schedule, activations_per_step)
+        try:
+            lr_schedule(schedule["lr_warmup"], schedule.get("lr_decay", 0), steps)
+        except ValueError as error:
+            raise ValueError(f"saes.{name}: {error}") from None
         members[name] = instantiate(variant.module, sae=saes[name], lr_warmup_steps=schedule["lr_warmup"],
+                                    lr_decay_steps=schedule.get("lr_decay", 0), total_steps=steps,
                                     dead_feature_window=schedule["dead_feature_window"],
                                     feature_sampling_window=schedule["feature_sampling_window"], _convert_="all")
         members[name].sae_loggers = per_sae_loggers[name]
@@ -503,7 +513,6 @@ def _train_many(cfg: DictConfig, variants: dict[str, DictConfig], output_dir: Pa
             module.export_directory = callback.directory
             if ckpt is not None:
                 callback.pending_files[output_dir / RESOLVED_CONFIG] = resolved_text
-    steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1), trainer.world_size)
     trainer.fit_loop.epoch_loop.max_steps = steps
 
     source = f"{backbone.name} layer {datamodule.layer} ({datamodule.tokens} tokens)" if backbone else "activations"
@@ -511,9 +520,9 @@ def _train_many(cfg: DictConfig, variants: dict[str, DictConfig], output_dir: Pa
              "outputs in %s", len(variants), source, steps, activations_per_step, output_dir)
     for name, variant in variants.items():
         s = schedules[name]
-        log.info("  %s: %s %d x %d, lr %g; warm-up %d, dead-feature window %d, density window %d steps", name,
-                 str(variant.sae._target_).rsplit(".", 1)[-1], d_in, saes[name].d_sae, variant.lr,
-                 s["lr_warmup"], s["dead_feature_window"], s["feature_sampling_window"])
+        log.info("  %s: %s %d x %d, lr %g; warm-up %d, decay %d, dead-feature window %d, density window %d steps",
+                 name, str(variant.sae._target_).rsplit(".", 1)[-1], d_in, saes[name].d_sae, variant.lr,
+                 s["lr_warmup"], s.get("lr_decay", 0), s["dead_feature_window"], s["feature_sampling_window"])
     log.info("Checkpoint every %d steps, contrastive loss every %d.", schedule["checkpoint_every"],
              schedule["contrastive_every"])
     if ckpt is not None:

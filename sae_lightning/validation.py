@@ -12,7 +12,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-SCHEDULE_KEYS = ("lr_warmup", "dead_feature_window", "feature_sampling_window", "checkpoint_every",
+SCHEDULE_KEYS = ("lr_warmup", "lr_decay", "dead_feature_window", "feature_sampling_window", "checkpoint_every",
                  "contrastive_every")
 MSE_KINDS = ("normalised", "plain")
 
@@ -150,7 +150,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     if schedule is not None:
         for key in SCHEDULE_KEYS:
             if key in schedule:
-                low = 0 if key == "lr_warmup" else 1
+                low = 0 if key in ("lr_warmup", "lr_decay") else 1
                 p.int_at_least(f"schedule.{key}", schedule[key], low, " (counted in activations seen)")
 
     module = cfg.get("module")

@@ -18,7 +18,7 @@ def test_defaults_are_the_seed_run():
     assert (cfg.l1_coefficient, cfg.lr, cfg.sae_batch_size) == (8e-5, 4e-4, 1024)
     assert cfg.training_images == 2_621_440 and cfg.training_images // cfg.sae_batch_size == 2560
     # schedules in activations: the seed's 500 / 64 / 500 / 500 / 200 steps of 1,024
-    assert dict(cfg.schedule) == {"lr_warmup": 512000, "dead_feature_window": 65536,
+    assert dict(cfg.schedule) == {"lr_warmup": 512000, "lr_decay": 0, "dead_feature_window": 65536,
                                   "feature_sampling_window": 512000, "checkpoint_every": 512000,
                                   "contrastive_every": 204800}
     assert cfg.module.ghost_grads and cfg.module.b_dec_init == "geometric_median"
@@ -47,16 +47,17 @@ def test_schedule_in_activations_follows_the_seed_per_activation_on_any_number_o
     from sae_lightning.training import schedule_steps
 
     seed = compose_config().schedule
-    assert schedule_steps(seed, 1024) == {"lr_warmup": 500, "dead_feature_window": 64,
+    assert schedule_steps(seed, 1024) == {"lr_warmup": 500, "lr_decay": 0, "dead_feature_window": 64,
                                           "feature_sampling_window": 500, "checkpoint_every": 500,
                                           "contrastive_every": 200}
     eight = schedule_steps(seed, 8 * 1024)
-    assert eight == {"lr_warmup": 62, "dead_feature_window": 8, "feature_sampling_window": 62,
+    assert eight == {"lr_warmup": 62, "lr_decay": 0, "dead_feature_window": 8, "feature_sampling_window": 62,
                      "checkpoint_every": 62, "contrastive_every": 25}
     # the seed's run on 8 GPUs is 320 steps: it now leaves warm-up after 62 of them
     assert 2_621_440 // (8 * 1024) == 320 > eight["lr_warmup"]
     assert schedule_steps({"lr_warmup": 0, "checkpoint_every": 10}, 1024) == {"lr_warmup": 0, "checkpoint_every": 1}
+    assert schedule_steps({"lr_decay": 0, "lr_warmup": 10}, 1024) == {"lr_decay": 0, "lr_warmup": 0}
     demo = compose_config(["experiment=demo"])
     assert schedule_steps(demo.schedule, demo.sae_batch_size) == {
-        "lr_warmup": 30, "dead_feature_window": 32, "feature_sampling_window": 50, "checkpoint_every": 100,
-        "contrastive_every": 50}
+        "lr_warmup": 30, "lr_decay": 0, "dead_feature_window": 32, "feature_sampling_window": 50,
+        "checkpoint_every": 100, "contrastive_every": 50}

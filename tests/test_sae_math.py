@@ -16,7 +16,7 @@ from lightning.pytorch import Callback, Trainer
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from sae_lightning.module import SAETrainingModule, linear_warmup
+from sae_lightning.module import SAETrainingModule, lr_schedule
 from sae_lightning.sae import SparseAutoencoder
 from sae_lightning.sae import functional as F_sae
 
@@ -460,13 +460,13 @@ def test_load_missing_file_names_the_path(tmp_path, missing):
 
 
 def test_linear_warmup_factors():
-    f = linear_warmup(500)
+    f = lr_schedule(500)
     assert f(0) == pytest.approx(1 / 500)
     assert f(1) == pytest.approx(2 / 500)
     assert f(249) == pytest.approx(0.5)
     assert f(499) == pytest.approx(1.0)
     assert f(500) == 1.0 and f(10_000) == 1.0
-    assert linear_warmup(0)(0) == 1.0
+    assert lr_schedule(0)(0) == 1.0
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=4e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, f)
     lrs = []
@@ -477,6 +477,30 @@ def test_linear_warmup_factors():
     assert lrs[0] == pytest.approx(4e-4 / 500)
     assert lrs[499] == pytest.approx(4e-4) and lrs[501] == pytest.approx(4e-4)
     assert all(a < b for a, b in zip(lrs[:499], lrs[1:500]))
+
+
+def test_lr_decay_falls_linearly_to_zero_over_the_last_steps():
+    # warm-up 2 and decay 4 of 10 steps, by hand: SAELens's lr_decay_steps (LinearLR from 1 to 0 over the last 4
+    # steps, starting at step 10 - 4) gives the same factors
+    f = lr_schedule(2, 4, 10)
+    assert [f(s) for s in range(10)] == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 0.75, 0.5, 0.25])
+    assert lr_schedule(0, 3, 3)(0) == 1.0 and lr_schedule(0, 3, 3)(2) == pytest.approx(1 / 3)
+    with pytest.raises(ValueError, match="schedule.lr_warmup or schedule.lr_decay"):
+        lr_schedule(5, 6, 10)
+    with pytest.raises(ValueError, match="must fit in the run's 10 steps"):
+        SAETrainingModule(SparseAutoencoder(4, 8), lr_warmup_steps=5, lr_decay_steps=6, total_steps=10)
+
+
+def test_lr_decay_through_the_trainer_ends_at_its_max_steps():
+    """Without total_steps the decay ends at the Trainer's max_steps: lr x [1/2, 1, 1, 1, 2/3, 1/3] over 6 steps."""
+    torch.manual_seed(3)
+    lr = 1e-3
+    module = SAETrainingModule(SparseAutoencoder(4, 8), lr=lr, lr_warmup_steps=2, lr_decay_steps=3, b_dec_init="mean")
+    recorder = _StepRecorder()
+    trainer = Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder])
+    trainer.fit(module, DataLoader([{"activations": torch.randn(16, 4)} for _ in range(6)], batch_size=None))
+    assert recorder.lrs == pytest.approx([lr * f for f in (0.5, 1, 1, 1, 2 / 3, 1 / 3)])
 
 
 def test_initialise_b_dec_mean_and_median():

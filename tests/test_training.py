@@ -88,6 +88,27 @@ def test_last_checkpoint_is_the_final_state_when_steps_are_not_a_multiple_of_the
         assert torch.equal(getattr(sae, name), ckpt["state_dict"][f"sae.{name}"]), name
 
 
+def test_lr_decay_reaches_zero_at_the_last_step_and_one_that_does_not_fit_is_refused(tmp_path, data_dir,
+                                                                                     tiny_shards):
+    from sae_lightning.training import train
+
+    # warm-up 5 steps, decay over the last 10 of 25 (640 activations of 64): the scheduler's factor after the
+    # last step is (25 - 25) / 10 = 0, and (25 - 20) / 10 at step 20
+    cfg = compose_config(demo_overrides(tmp_path / "run", data_dir, tiny_shards,
+                                        ["max_steps=25", "schedule.lr_decay=640"]))
+    train(cfg)
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["optimizer_states"][0]["param_groups"][0]["lr"] == 0.0
+    lrs = {e.step: e.value for e in read_events(tmp_path / "run").Scalars("lr")}
+    assert lrs[20] == pytest.approx(cfg.lr * 0.5, rel=1e-5)  # logged after step 20's update: factor of step 20
+
+    bad = compose_config(demo_overrides(tmp_path / "bad", data_dir, tiny_shards,
+                                        ["max_steps=25", "schedule.lr_decay=1600"]))  # 5 + 25 steps > 25
+    with pytest.raises(ValueError, match="must fit in the run's 25 steps"):
+        train(bad)
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
 def test_resolved_config_and_exported_sae_match_the_checkpoint(demo_run):
     resolved = OmegaConf.load(demo_run / ".hydra" / "resolved.yaml")
     assert resolved.expansion == 4 and "${" not in OmegaConf.to_yaml(resolved)
