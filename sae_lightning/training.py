@@ -123,6 +123,8 @@ def record_saes(cfg: DictConfig, variants: dict[str, DictConfig]) -> dict:
         entry = OmegaConf.to_container(cfg.saes[name], resolve=False) or {}
         resolved = OmegaConf.to_container(variant, resolve=True)
         plain["saes"][name] = {key: resolved[key] for key in VARIANT_KEYS if key in entry or key == "sae"}
+        if "schedule" in entry:  # only the entry's own windows: the run-wide ones are no entry's to set
+            plain["saes"][name]["schedule"] = {key: resolved["schedule"][key] for key in entry["schedule"] or {}}
     return plain
 
 

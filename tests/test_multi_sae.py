@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from sae_lightning import SparseAutoencoder
@@ -85,8 +86,9 @@ def checksums(out: Path, name: str = "batches.json") -> list[str]:
 def multi_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("multi")
     # with an architecture composed into `saes` (BATCHTOPK), entries are added one by one (Hydra's struct mode)
-    return train_cfg(planted(out, "+saes.a={}", "+saes.b={l1_coefficient:1.0e-3,lr:1.0e-3,expansion:3}", TOPK,
-                             BATCHTOPK, *checksums(out)))
+    # b decays its lr to 0 over the last 10 of the 20 steps (640 activations of 64)
+    return train_cfg(planted(out, "+saes.a={}", "+saes.b={l1_coefficient:1.0e-3,lr:1.0e-3,expansion:3,"
+                             "schedule:{lr_decay:640}}", TOPK, BATCHTOPK, *checksums(out)))
 
 
 def test_variants_resolve_with_their_own_knobs_and_bad_entries_fail_before_any_work(tmp_path):
@@ -136,7 +138,8 @@ def test_each_sae_exports_its_own_folder_tensorboard_run_and_config(multi_run):
     events = EventAccumulator(str(multi_run / "tensorboard" / multi_run.name / "b"))
     events.Reload()
     assert [e.step for e in events.Scalars("losses/total")] == [5, 10, 15, 20]
-    assert events.Scalars("lr")[-1].value == pytest.approx(1e-3)  # b's own lr, in b's own run
+    # b's own lr in b's own run: 1e-3, decayed over the last 10 steps (factor (20 - step) / 10 from step 10)
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([1e-3, 1e-3, 5e-4, 0.0])
 
 
 @pytest.mark.slow
@@ -144,7 +147,8 @@ def test_every_sae_sees_the_same_batches_and_equals_its_single_run(multi_run, tm
     seen = json.loads((multi_run / "batches.json").read_text())
     assert len(seen["a"]) == 20 and seen["a"] == seen["b"] == seen["t"] == seen["bt"]
     # b alone: same data, seed and knobs, no other SAE beside it
-    single = train_cfg(planted(tmp_path, "l1_coefficient=1.0e-3", "lr=1.0e-3", "expansion=3", *checksums(tmp_path)))
+    single = train_cfg(planted(tmp_path, "l1_coefficient=1.0e-3", "lr=1.0e-3", "expansion=3", "schedule.lr_decay=640",
+                               *checksums(tmp_path)))
     assert json.loads((tmp_path / "batches.json").read_text())["single"] == seen["b"]
     alone, together = SparseAutoencoder.load(single / "sae"), SparseAutoencoder.load(multi_run / "sae" / "b")
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
@@ -152,6 +156,9 @@ def test_every_sae_sees_the_same_batches_and_equals_its_single_run(multi_run, tm
     a_state = torch.load(multi_run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b_state = torch.load(single / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert torch.equal(a_state["saes.b.steps_since_fired"], b_state["steps_since_fired"])
+    lrs = [o["param_groups"][0]["lr"] for o in torch.load(multi_run / "checkpoints" / "last.ckpt",
+                                                           weights_only=True)["optimizer_states"]]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[1] == 0.0  # a: the planted experiment's constant lr; b: decayed
     # BatchTopK too (AuxK, its threshold's moving average): the same as `sae=batchtopk` alone
     single = train_cfg(planted(tmp_path / "bt", "sae=batchtopk"))
     alone, together = SparseAutoencoder.load(single / "sae"), SparseAutoencoder.load(multi_run / "sae" / "bt")
@@ -198,6 +205,19 @@ def test_resume_refuses_other_saes(multi_run, tmp_path):
                           f"ckpt_path={last}"))
     with pytest.raises(ValueError, match="the SAEs' names"):
         train_cfg(planted(tmp_path, TWO, f"ckpt_path={last}"))
+
+
+def test_an_entry_with_its_own_schedule_resumes(tmp_path):
+    """The stored config keeps only the windows an entry set (it used to store the whole resolved schedule,
+    whose run-wide checkpoint interval made every resume of such a run fail its own validation)."""
+    entries = ("+saes.a={}", "+saes.b={schedule:{lr_warmup:0,lr_decay:320}}")
+    train_cfg(planted(tmp_path, *entries, "max_steps=10"))
+    resolved = OmegaConf.load(tmp_path / ".hydra" / "resolved.yaml")
+    assert OmegaConf.to_container(resolved.saes.b.schedule) == {"lr_warmup": 0, "lr_decay": 320}
+    train_cfg(planted(tmp_path, *entries, "max_steps=20", "ckpt_path=last"))
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 20
+    assert [o["param_groups"][0]["lr"] for o in ckpt["optimizer_states"]] == [pytest.approx(3e-3), 0.0]
 
 
 @pytest.mark.slow
