@@ -65,6 +65,11 @@ def _git_commit() -> str:
 def machine() -> dict[str, str]:
     """What the numbers depend on: CPU, cores, RAM, torch, threads, GPU, date, commit."""
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    one_off = ROOT / "benchmarks" / "one_off.md"
+    measured = [line[4:].split(",")[0] for line in (one_off.read_text().splitlines() if one_off.is_file() else [])
+                if line.startswith("### GPU: ")]
+    if gpu == "none" and measured:  # GPU figures measured by hand elsewhere: say where
+        gpu = "none (GPU figures: " + ", ".join(f'"{m}"' for m in measured) + ' under "Measured separately")'
     return {
         "CPU": _cpu_model(),
         "cores (usable)": str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()),
