@@ -130,7 +130,9 @@ def train(run_dir: Path, out: Path, settings: str, overrides: dict, arch: str | 
 
     start = time.perf_counter()  # the whole run, as the project's rows time it: data, training, export, scoring
     planted, run, metadata = read_run(run_dir)
-    trainer_settings = {**SETTINGS[settings], **{k: v for k, v in overrides.items() if k in TRAINER_FIELDS}}
+    # the project run's own lr decay unless --set says otherwise: the two sides train on the same schedule
+    trainer_settings = {**SETTINGS[settings], "lr_decay_steps": run.get("lr_decay_steps", 0),
+                        **{k: v for k, v in overrides.items() if k in TRAINER_FIELDS}}
     torch.manual_seed(run["seed"])
     x = planted.sample(run["n_train"], torch.Generator().manual_seed(run["seed"] + 1))
     d_sae = run["expansion"] * run["d"]
@@ -144,7 +146,7 @@ def train(run_dir: Path, out: Path, settings: str, overrides: dict, arch: str | 
         n_checkpoints=0, checkpoint_path=None, save_final_checkpoint=False, total_training_samples=steps * batch,
         device="cpu", autocast=False, lr=trainer_settings["lr"], lr_end=trainer_settings["lr"],
         lr_scheduler_name="constant", lr_warm_up_steps=trainer_settings["lr_warm_up_steps"], adam_beta1=0.9,
-        adam_beta2=0.999, lr_decay_steps=trainer_settings.get("lr_decay_steps", 0), n_restart_cycles=1,
+        adam_beta2=0.999, lr_decay_steps=trainer_settings["lr_decay_steps"], n_restart_cycles=1,
         train_batch_size_samples=batch,
         dead_feature_window=trainer_settings["dead_feature_window"],
         feature_sampling_window=trainer_settings["feature_sampling_window"],

@@ -138,6 +138,9 @@ class SAETrainingModule(LightningModule):
         total = self.hparams.total_steps
         if total is None and self.hparams.lr_decay_steps > 0:
             total = self.trainer.max_steps  # a module built by hand: the trainer's step count ends the decay
+            if total is None or total <= 0:
+                raise ValueError("lr_decay_steps needs the run's length: pass total_steps, or give the Trainer "
+                                 "max_steps")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_schedule(self.hparams.lr_warmup_steps, self.hparams.lr_decay_steps, total or 0))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -318,6 +321,29 @@ class SAETrainingModule(LightningModule):
 
     def on_train_end(self) -> None:
         self.check_health()  # a run never ends "successfully" with skipped or diverged steps
+
+    def on_train_start(self) -> None:
+        self.follow_config_lr()
+
+    def follow_config_lr(self) -> None:
+        """Make the optimiser follow this run's `lr`, `adam_betas` and schedule after a checkpoint restore.
+
+        Lightning restores Adam's param groups (lr, initial_lr, betas) and the scheduler's base lrs from the
+        checkpoint, so without this a resume with another `lr` would keep the old one, and one with another
+        run length would take its first step at the old schedule's lr. A fresh run changes nothing here.
+        """
+        optimizer, scheduler = self._optimizer(), self._scheduler()
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        lr = float(self.hparams.lr)
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        before = optimizer.param_groups[0]["lr"]
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"], group["lr"], group["betas"] = lr, lr * factor, tuple(self.hparams.adam_betas)
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+        if not math.isclose(before, lr * factor, rel_tol=1e-6, abs_tol=1e-12):
+            log.info("lr at step %d: %.3g (the checkpoint's optimiser had %.3g): this run's lr and schedule apply",
+                     scheduler.last_epoch, lr * factor, before)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
@@ -559,6 +585,11 @@ class MultiSAETrainingModule(LightningModule):
     def on_fit_start(self) -> None:
         self._stopped_host = None
         self._bind_optimizers()
+
+    def on_train_start(self) -> None:
+        self._bind_optimizers()  # the restored optimisers: each member then follows its own lr and schedule
+        for _, member in self.members():
+            member.follow_config_lr()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         if batch["activations"].shape[0] == 0:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import open_clip
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
@@ -169,8 +170,62 @@ def schedule_steps(schedule: DictConfig | dict, activations_per_step: int) -> di
     steps = {}
     for name, activations in dict(schedule).items():
         n = round(int(activations) / activations_per_step)
+        if name == "lr_decay" and int(activations) > 0 and n < 2:  # 0 steps is no decay, 1 step ends at full lr
+            raise ValueError(f"schedule.lr_decay={activations} is {n} step(s) of {activations_per_step} activations: "
+                             f"a decay needs at least 2 steps (schedule.lr_decay >= {2 * activations_per_step}, in "
+                             f"activations, not steps), or 0 for none")
         steps[name] = n if name in ("lr_warmup", "lr_decay") else max(1, n)
     return steps
+
+
+def planned_steps(cfg: DictConfig) -> tuple[int, int] | None:
+    """(steps, activations per step) from the config alone, before any data is built or weights loaded; None
+    where only the built data or trainer can tell (an hf-hub model's token count, `trainer.devices=-1`, a cache's
+    tokens per image)."""
+    trainer = cfg.get("trainer") or {}
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (devices, nodes)):
+        return None
+    world = devices * nodes
+    if cfg.get("max_steps"):
+        return int(cfg.max_steps), cfg.sae_batch_size * world
+    backbone = cfg.get("backbone")
+    if backbone is None:
+        if "ActivationsDataModule" not in str((cfg.get("data") or {}).get("_target_", "")):
+            return None  # a cache: its manifest says how many rows an image has
+        per_image = 1
+    elif cfg.tokens == "cls":
+        per_image = 1
+    else:
+        vision = (open_clip.get_model_config(str(backbone.get("name", ""))) or {}).get("vision_cfg") or {}
+        size, patch = vision.get("image_size"), vision.get("patch_size")
+        if not (isinstance(size, int) and isinstance(patch, int)):
+            return None
+        per_image = (size // patch) ** 2 + (cfg.tokens == "all")
+    return total_steps(cfg, per_image, world), cfg.sae_batch_size * world
+
+
+def check_lr_schedule(schedule: dict[str, int], steps: int, activations_per_step: int, where: str = "") -> None:
+    """Refuse a warm-up plus decay longer than the run, naming the limit in activations (the config's unit)."""
+    from sae_lightning.module import lr_schedule
+
+    try:
+        lr_schedule(schedule["lr_warmup"], schedule.get("lr_decay", 0), steps)
+    except ValueError as error:
+        limit = (steps - schedule["lr_warmup"]) * activations_per_step
+        raise ValueError(f"{where}{error} (the run has {steps} steps of {activations_per_step} activations: "
+                         f"schedule.lr_decay at most {max(limit, 0)})") from None
+
+
+def check_lr_schedules_early(cfg: DictConfig, variants: dict[str, DictConfig] | None) -> None:
+    """`check_lr_schedule` for the run and each SAE, where the config alone gives the step count."""
+    planned = planned_steps(cfg)
+    if planned is None:
+        return  # checked once the data is built, before training
+    steps, per_step = planned
+    for name, config in (variants or {None: cfg}).items():
+        check_lr_schedule(schedule_steps(config.schedule, per_step), steps, per_step,
+                          f"saes.{name}: " if name else "")
 
 
 def build_data(cfg: DictConfig):
@@ -368,6 +423,7 @@ def train(cfg: DictConfig) -> Path:
     quiet_console()
     validate_train_config(cfg)
     variants = sae_variants(cfg)
+    check_lr_schedules_early(cfg, variants)  # before the run directory is touched or any weights are loaded
     output_dir = Path(cfg.paths.output_dir)
     ckpt = resolve_checkpoint(cfg, output_dir)
     resume_step = None
@@ -407,9 +463,7 @@ def train(cfg: DictConfig) -> Path:
     activations_per_step = cfg.sae_batch_size * trainer.world_size
     schedule = schedule_steps(cfg.schedule, activations_per_step)
     steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1), trainer.world_size)
-    from sae_lightning.module import lr_schedule
-
-    lr_schedule(schedule["lr_warmup"], schedule.get("lr_decay", 0), steps)  # refuses a decay that does not fit
+    check_lr_schedule(schedule, steps, activations_per_step)  # where the config alone could not tell
     module = instantiate(cfg.module, sae=sae, lr_warmup_steps=schedule["lr_warmup"],
                          lr_decay_steps=schedule.get("lr_decay", 0), total_steps=steps,
                          dead_feature_window=schedule["dead_feature_window"],
@@ -459,7 +513,7 @@ def _train_many(cfg: DictConfig, variants: dict[str, DictConfig], output_dir: Pa
     Each SAE is initialised from the same random state a single run of its config would use (so each
     equals that single run), then gets its own module, schedule, TensorBoard run and export folder.
     """
-    from sae_lightning.module import MultiSAETrainingModule, lr_schedule
+    from sae_lightning.module import MultiSAETrainingModule
 
     record = record_saes(cfg, variants)
     resolved_text = OmegaConf.to_yaml(OmegaConf.create(record))
@@ -493,10 +547,7 @@ def _train_many(cfg: DictConfig, variants: dict[str, DictConfig], output_dir: Pa
     steps = total_steps(cfg, getattr(datamodule, "tokens_per_image", 1), trainer.world_size)
     for name, variant in variants.items():
         schedules[name] = schedule = schedule_steps(variant.schedule, activations_per_step)
-        try:
-            lr_schedule(schedule["lr_warmup"], schedule.get("lr_decay", 0), steps)
-        except ValueError as error:
-            raise ValueError(f"saes.{name}: {error}") from None
+        check_lr_schedule(schedule, steps, activations_per_step, f"saes.{name}: ")
         members[name] = instantiate(variant.module, sae=saes[name], lr_warmup_steps=schedule["lr_warmup"],
                                     lr_decay_steps=schedule.get("lr_decay", 0), total_steps=steps,
                                     dead_feature_window=schedule["dead_feature_window"],

@@ -209,15 +209,17 @@ def test_resume_refuses_other_saes(multi_run, tmp_path):
 
 def test_an_entry_with_its_own_schedule_resumes(tmp_path):
     """The stored config keeps only the windows an entry set (it used to store the whole resolved schedule,
-    whose run-wide checkpoint interval made every resume of such a run fail its own validation)."""
+    whose run-wide checkpoint interval made every resume of such a run fail its own validation); each member
+    follows its new lr after the resume."""
     entries = ("+saes.a={}", "+saes.b={schedule:{lr_warmup:0,lr_decay:320}}")
     train_cfg(planted(tmp_path, *entries, "max_steps=10"))
     resolved = OmegaConf.load(tmp_path / ".hydra" / "resolved.yaml")
     assert OmegaConf.to_container(resolved.saes.b.schedule) == {"lr_warmup": 0, "lr_decay": 320}
-    train_cfg(planted(tmp_path, *entries, "max_steps=20", "ckpt_path=last"))
+    # resumed with a's lr changed: a follows it (not the checkpoint's 3e-3), b still decays to 0
+    train_cfg(planted(tmp_path, "+saes.a={lr:1.0e-3}", entries[1], "max_steps=20", "ckpt_path=last"))
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 20
-    assert [o["param_groups"][0]["lr"] for o in ckpt["optimizer_states"]] == [pytest.approx(3e-3), 0.0]
+    assert [o["param_groups"][0]["lr"] for o in ckpt["optimizer_states"]] == [pytest.approx(1e-3), 0.0]
 
 
 @pytest.mark.slow
