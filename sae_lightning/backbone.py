@@ -189,6 +189,20 @@ def check_layer(name: str, layer: int) -> None:
         resolve_layer_index(name, layer, n_layers)
 
 
+def config_tokens_per_image(name: str, tokens: str) -> int | None:
+    """Activations per image for a token selection from the model's config alone (no weights, as
+    `Backbone.n_tokens_for` counts them once built); None where the config cannot tell (an hf-hub model)."""
+    if check_tokens(tokens) == "cls":
+        return 1
+    if name.startswith(HF_HUB_PREFIX):
+        return None
+    vision = (open_clip.get_model_config(name) or {}).get("vision_cfg") or {}
+    size, patch = vision.get("image_size"), vision.get("patch_size")
+    if not (isinstance(size, int) and isinstance(patch, int)):
+        return None
+    return (size // patch) ** 2 + (tokens == "all")
+
+
 def split_preprocess(preprocess: Callable) -> tuple[Callable, torch.Tensor, torch.Tensor]:
     """open_clip's eval preprocess -> (PIL -> uint8 [3, H, W] transform, mean [3], std [3]).
 

@@ -12,14 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import open_clip
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from sae_lightning.backbone import check_layer
+from sae_lightning.backbone import check_layer, config_tokens_per_image
 from sae_lightning.callbacks import ExportSAECallback, FinalHParamsCallback, SAECheckpoint, stop_signal_name
 from sae_lightning.checkpoint_io import clean_stale_temporaries
 from sae_lightning.config import RESOLVED_CONFIG, save_resolved_config
@@ -190,19 +189,12 @@ def planned_steps(cfg: DictConfig) -> tuple[int, int] | None:
     if cfg.get("max_steps"):
         return int(cfg.max_steps), cfg.sae_batch_size * world
     backbone = cfg.get("backbone")
-    if backbone is None:
-        if "ActivationsDataModule" not in str((cfg.get("data") or {}).get("_target_", "")):
-            return None  # a cache: its manifest says how many rows an image has
-        per_image = 1
-    elif cfg.tokens == "cls":
-        per_image = 1
+    if backbone is None:  # stored activations: one row each; a cache's manifest says how many rows an image has
+        is_cache = "ActivationsDataModule" not in str((cfg.get("data") or {}).get("_target_", ""))
+        per_image = None if is_cache else 1
     else:
-        vision = (open_clip.get_model_config(str(backbone.get("name", ""))) or {}).get("vision_cfg") or {}
-        size, patch = vision.get("image_size"), vision.get("patch_size")
-        if not (isinstance(size, int) and isinstance(patch, int)):
-            return None
-        per_image = (size // patch) ** 2 + (cfg.tokens == "all")
-    return total_steps(cfg, per_image, world), cfg.sae_batch_size * world
+        per_image = config_tokens_per_image(str(backbone.get("name", "")), cfg.tokens)
+    return None if per_image is None else (total_steps(cfg, per_image, world), cfg.sae_batch_size * world)
 
 
 def check_lr_schedule(schedule: dict[str, int], steps: int, activations_per_step: int, where: str = "") -> None:

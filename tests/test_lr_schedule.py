@@ -74,3 +74,14 @@ def test_a_resume_follows_the_new_lr_betas_and_schedule(tmp_path):
     assert lr == 0.0 and betas == (0.8, 0.99)
     train(planted(tmp_path, "max_steps=22", "ckpt_path=last", "lr=1.0e-3", "module.adam_betas=[0.8,0.99]"))
     assert last_lr_and_betas(tmp_path) == (pytest.approx(1e-3), (0.8, 0.99))  # no decay: the full new lr again
+
+
+@pytest.mark.parametrize("tokens", ["cls", "patches", "all"])
+def test_the_configs_token_count_is_the_built_backbones(tokens):
+    """What the early decay check counts per image, from the model config alone, equals the built model's count."""
+    from sae_lightning.backbone import TINY_MODEL_NAME, config_tokens_per_image, load_backbone
+
+    built = load_backbone(TINY_MODEL_NAME, pretrained=None)
+    assert config_tokens_per_image(TINY_MODEL_NAME, tokens) == built.n_tokens_for(tokens)
+    assert config_tokens_per_image("hf-hub:someone/model", tokens) == (1 if tokens == "cls" else None)
+    assert config_tokens_per_image("ViT-L-14", tokens) == {"cls": 1, "patches": 256, "all": 257}[tokens]
